@@ -1,0 +1,3 @@
+from lav2cli.cli import main
+
+main()
