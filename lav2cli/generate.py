@@ -1,0 +1,114 @@
+"""Generation: a static KV cache, left-padded batched prefill, prompt K/V computed once per
+request, greedy or temperature/top-p sampling, and an optionally compiled decode step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from lav2cli.model.adapter import LlamaAdapterV2
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 256
+    temperature: float = 0.1  # 0 = greedy
+    top_p: float = 0.75
+    seed: int | None = None
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token ids [B] from logits [B, V]: argmax at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # the smallest set whose mass reaches top_p
+        sorted_p = sorted_p * keep
+        choice = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=generator)
+        return idx.gather(-1, choice).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _decode_step(model: LlamaAdapterV2, token, input_pos, pad, prompt_kv):
+    return model(token, input_pos=input_pos, pad=pad, prompt_kv=prompt_kv, last_only=True)[:, -1].float()
+
+
+_compiled: dict[str, Callable] = {}
+
+
+def decode_step_fn(compile: bool, device: torch.device) -> Callable:
+    """The one-token step; compiled once per process when asked (shapes are static)."""
+    if not compile:
+        return _decode_step
+    key = device.type
+    if key not in _compiled:
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        _compiled[key] = torch.compile(_decode_step, mode=mode, fullgraph=False, dynamic=False)
+    return _compiled[key]
+
+
+@torch.no_grad()
+def generate(
+    model: LlamaAdapterV2,
+    prompts: Sequence[Sequence[int]],
+    *,
+    stop_ids: frozenset[int] | set[int],
+    pad_id: int,
+    images: torch.Tensor | None = None,
+    image_mask: torch.Tensor | None = None,
+    sampling: Sampling = Sampling(),
+    on_token: Callable[[int, list[int]], None] | None = None,
+    compile: bool = False,
+) -> list[list[int]]:
+    """Generate continuations for a batch of token-id prompts of any lengths.
+
+    Returns the new tokens of each row, without the stop token. `on_token(row, new_ids)`
+    is called after each step for every row still running (used for streaming).
+    """
+    device = model.llama.tok_embeddings.weight.device
+    B = len(prompts)
+    lens = [len(p) for p in prompts]
+    if min(lens) == 0:
+        raise ValueError("empty prompt")
+    t0 = max(lens)
+    total = t0 + sampling.max_new_tokens
+    tokens = torch.full((B, t0), pad_id, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, t0 - len(p):] = torch.tensor(p, dtype=torch.long)
+    pad = torch.tensor([t0 - n for n in lens], device=device)
+    generator = None
+    if sampling.temperature > 0:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+
+    model.setup_cache(B, total)
+    try:
+        prompt_kv = model.prompt_kv(images, image_mask, batch=B)
+        logits = model(tokens, input_pos=torch.arange(t0, device=device), pad=pad, prompt_kv=prompt_kv,
+                       last_only=True)[:, -1].float()
+        step = decode_step_fn(compile, device)
+        out: list[list[int]] = [[] for _ in range(B)]
+        done = [False] * B
+        for i in range(sampling.max_new_tokens):
+            nxt = sample_next(logits, sampling.temperature, sampling.top_p, generator)
+            ids = nxt.tolist()
+            for r in range(B):
+                if done[r]:
+                    continue
+                if ids[r] in stop_ids:
+                    done[r] = True
+                    continue
+                out[r].append(ids[r])
+                if on_token is not None:
+                    on_token(r, out[r])
+            if all(done) or i == sampling.max_new_tokens - 1:
+                break
+            pos = torch.tensor([t0 + i], device=device)
+            logits = step(model, nxt[:, None], pos, pad, prompt_kv)
+        return out
+    finally:
+        model.clear_cache()

