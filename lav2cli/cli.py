@@ -43,7 +43,242 @@ def _root(
 
 # --- prepare (lav2cli/data) -------------------------------------------------------------
 
+from pathlib import Path  # noqa: E402
+from typing import Annotated, Literal, Optional  # noqa: E402
+
+from lav2cli.data import prepare as _data  # noqa: E402  (torch-free; PIL and rich load lazily)
+
+_Out = Annotated[str, typer.Option("--out", "-o", help="FILE.jsonl (FILE.manifest.json beside it), or - for stdout (no manifest).")]
+_Val = Annotated[float, typer.Option("--val-fraction", help="Share of images (text: records) for FILE.val.jsonl, by SHA-256 of image or id.")]
+_Strict = Annotated[bool, typer.Option("--strict", help="Stop at the first problem (exit 1 naming FILE:LINE) and write nothing.")]
+_Check = Annotated[bool, typer.Option("--check-images/--no-check-images", help="Open and fully decode every image once (in threads).")]
+_Workers = Annotated[Optional[int], typer.Option("--workers", min=1, help="Threads for image checks and copies (default: cores + 4, at most 32).")]
+_Instruction = Annotated[Optional[str], typer.Option("--instruction", help='Caption instruction (default: "Generate caption of this image").')]
+
+
+@prepare_app.command("coco")
+def prepare_coco(
+    annotations: Annotated[Path, typer.Option("--annotations", help="captions_*.json, or a Karpathy dataset_coco.json.")],
+    images: Annotated[Path, typer.Option("--images", help="Folder the file names (Karpathy: filepath/filename) are relative to.")],
+    out: _Out,
+    split: Annotated[Optional[str], typer.Option("--split", help="Karpathy only: splits to keep, comma-separated (train, restval, val, test).")] = None,
+    captions: Annotated[Literal["all", "first"], typer.Option("--captions", help="One record per caption, or per image (its first caption).")] = "all",
+    instruction: _Instruction = None,
+    val_fraction: _Val = 0.0,
+    strict: _Strict = False,
+    check_images: _Check = True,
+    workers: _Workers = None,
+) -> None:
+    """COCO captions or the Karpathy split file -> caption records.
+
+    Examples:
+
+      lav2 prepare coco --annotations annotations/captions_train2017.json --images train2017 --out data/coco-train.jsonl
+
+      lav2 prepare coco --annotations dataset_coco.json --images coco --split train,restval --val-fraction 0.01 --out data/karpathy.jsonl
+    """
+    _data.prepare("coco", **locals())
+
+
+@prepare_app.command("csv")
+def prepare_csv(
+    input: Annotated[Path, typer.Option("--input", help="Tab- or comma-separated table with a header.")],
+    out: _Out,
+    images: Annotated[Optional[Path], typer.Option("--images", help="Folder relative image paths resolve against (default: the table's folder).")] = None,
+    image_column: Annotated[Optional[str], typer.Option("--image-column", help="Image column (default: url, image or path).")] = None,
+    caption_column: Annotated[Optional[str], typer.Option("--caption-column", help="Caption column (default: caption or text).")] = None,
+    instruction: _Instruction = None,
+    val_fraction: _Val = 0.0,
+    strict: _Strict = False,
+    check_images: _Check = True,
+    workers: _Workers = None,
+) -> None:
+    """Caption tables (CC3M-style, the release's url<TAB>caption lists) -> caption records.
+
+    Examples:
+
+      lav2 prepare csv --input cc3m.tsv --images cc3m/ --out data/cc3m.jsonl
+
+      lav2 prepare csv --input pairs.csv --image-column file --caption-column text --no-check-images --out -
+    """
+    _data.prepare("csv", **locals())
+
+
+@prepare_app.command("alpaca")
+def prepare_alpaca(
+    input: Annotated[Path, typer.Option("--input", help="JSON list or JSON lines of instruction, input, output.")],
+    out: _Out,
+    val_fraction: _Val = 0.0,
+    strict: _Strict = False,
+    workers: _Workers = None,
+) -> None:
+    """Alpaca / GPT-4-LLM instruction data -> text-only instruction records.
+
+    Examples:
+
+      lav2 prepare alpaca --input alpaca_gpt4_data.json --out data/alpaca.jsonl
+
+      lav2 prepare alpaca --input alpaca_data.json --val-fraction 0.02 --out data/alpaca.jsonl
+    """
+    _data.prepare("alpaca", **locals())
+
+
+@prepare_app.command("llava")
+def prepare_llava(
+    input: Annotated[Path, typer.Option("--input", help="LLaVA JSON (id, image, conversations) or JSON lines.")],
+    out: _Out,
+    images: Annotated[Optional[Path], typer.Option("--images", help="Folder the image names are relative to (default: the input's folder).")] = None,
+    keep_history: Annotated[bool, typer.Option("--keep-history", help="Put earlier turns into input as Human:/Assistant: lines.")] = False,
+    turns: Annotated[Literal["all", "first"], typer.Option("--turns", help="One record per turn, or the first turn only (as the release).")] = "all",
+    val_fraction: _Val = 0.0,
+    strict: _Strict = False,
+    check_images: _Check = True,
+    workers: _Workers = None,
+) -> None:
+    """LLaVA conversations -> single-turn instruction records (text-only samples stay text-only).
+
+    Examples:
+
+      lav2 prepare llava --input llava_instruct_150k.json --images coco/train2014 --out data/llava.jsonl
+
+      lav2 prepare llava --input llava_instruct_150k.json --images coco/train2014 --turns first --out data/llava-first.jsonl
+    """
+    _data.prepare("llava", **locals())
+
+
+@prepare_app.command("mme")
+def prepare_mme(
+    root: Annotated[Path, typer.Option("--root", help="MME_Benchmark_release_version (or the folder holding it).")],
+    out: _Out,
+    strict: _Strict = False,
+    check_images: _Check = True,
+    workers: _Workers = None,
+) -> None:
+    """The MME benchmark folder (both layouts) -> yes/no vqa records with subtask, category and pair.
+
+    Examples:
+
+      lav2 prepare mme --root MME_Benchmark_release_version --out data/mme.jsonl
+    """
+    _data.prepare("mme", **locals())
+
+
+@prepare_app.command("easyvqa")
+def prepare_easyvqa(
+    out: _Out,
+    split: Annotated[Literal["train", "test", "both"], typer.Option("--split", help="Which easy-VQA set(s).")] = "both",
+    kind: Annotated[Literal["vqa", "caption", "both"], typer.Option("--kind", help="Question records, caption records (a red circle), or both.")] = "both",
+    instruction: _Instruction = None,
+    val_fraction: _Val = 0.0,
+    strict: _Strict = False,
+    check_images: _Check = True,
+    workers: _Workers = None,
+) -> None:
+    """The easy-VQA package (images copied to OUT_DIR/images/SPLIT/) -> vqa and caption records.
+
+    Examples:
+
+      lav2 prepare easyvqa --out data/easyvqa/records.jsonl
+
+      lav2 prepare easyvqa --split train --kind caption --out data/easyvqa/captions.jsonl
+    """
+    _data.prepare("easyvqa", **locals())
+
+
 # --- end prepare ------------------------------------------------------------------------
+
+
+# --- ask and info -----------------------------------------------------------------------
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def _load_engine(model: str, base: str | None, clip: str | None, device: str, dtype: str):
+    from lav2cli.engine import load
+
+    with _stderr().status(f"loading {model} ...", spinner="dots"):
+        return load(model, base=base, clip=clip, device=device, dtype=dtype)
+
+
+@app.command()
+def ask(
+    image: str = typer.Argument(..., help="Image path, 'none' for a text-only question, or '-' for one image path per stdin line."),
+    prompt: str = typer.Argument(..., help="The question or instruction."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model reference: a name, an artifact or base directory, a .gguf, or an official .pth."),
+    base: str | None = typer.Option(None, help="Base LLaMA (Meta or HF directory) for an official .pth, or to override an artifact's."),
+    clip: str | None = typer.Option(None, help="open_clip encoder NAME[:PRETRAINED] (tag or weights file), e.g. ViT-L-14:openai."),
+    max_new_tokens: int = typer.Option(256, min=1, help="Stop after this many new tokens."),
+    temperature: float = typer.Option(0.1, min=0.0, help="Sampling temperature; 0 = greedy."),
+    top_p: float = typer.Option(0.75, min=0.0, max=1.0, help="Nucleus sampling mass."),
+    seed: int | None = typer.Option(None, help="Random seed for sampling (reproducible answers)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per answer (with timings) instead of streamed text."),
+    show_prompt: bool = typer.Option(False, help="Print the full prompt (template applied) on stderr."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step (pays off on long answers)."),
+) -> None:
+    """Answer a question about an image (or none) from the shell.
+
+    Examples:
+
+      lav2 ask none "What is the capital of France?" --temperature 0
+
+      lav2 ask photo.jpg "Describe this image." --model runs/joint
+
+      ls images/*.png | lav2 ask - "What shape is in the image?" --json
+    """
+    from lav2cli import ask as ask_mod
+    from lav2cli.generate import Sampling
+
+    engine = _load_engine(model, base, clip, device, dtype)
+    err = _stderr()
+    status = ask_mod.run(engine, image, prompt, Sampling(max_new_tokens, temperature, top_p, seed),
+                         as_json=as_json, show_prompt=show_prompt, model_name=model, compile=compile,
+                         log=lambda m: err.print(m, markup=False))
+    raise typer.Exit(status)
+
+
+@app.command()
+def info(
+    ref: str = typer.Argument(DEFAULT_MODEL, help="Model reference (see `lav2 ask --help`)."),
+    base: str | None = typer.Option(None, help="Base LLaMA for an official .pth."),
+    clip: str | None = typer.Option(None, help="open_clip encoder NAME[:PRETRAINED]."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    list_models: bool = typer.Option(False, "--list", help="List the named models and exit."),
+) -> None:
+    """Show what a model reference resolves to: files, sizes, shape, parameter counts.
+
+    Examples:
+
+      lav2 info smollm2-135m-instruct
+
+      lav2 info runs/joint --json
+
+      lav2 info --list
+    """
+    import json
+
+    from lav2cli import info as info_mod
+    from lav2cli.registry import known_models
+
+    if list_models:
+        for name, desc in known_models():
+            print(f"{name}\t{desc}")
+        return
+    engine = _load_engine(ref, base, clip, "cpu", "float32")
+    data = info_mod.describe(engine)
+    if as_json:
+        print(json.dumps(data))
+    else:
+        from rich.console import Console
+
+        info_mod.render(data, Console())
 
 
 def main() -> None:

@@ -158,7 +158,8 @@ class Transformer(nn.Module):
 
     def extend_rope(self, max_len: int) -> None:
         cos, sin = rope_tables(self.config.head_dim, max_len, self.config.rope_theta)
-        self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+        device = self.tok_embeddings.weight.device
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
     # -- forward ----------------------------------------------------------------------------
 

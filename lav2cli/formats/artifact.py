@@ -1,0 +1,60 @@
+"""lav2's own adapter artifact: a directory with adapter.safetensors (trainable tensors only,
+official names) and lav2.json (everything needed to rebuild the model around them)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lav2cli import __version__
+from lav2cli.errors import Lav2Error
+from lav2cli.fileio import atomic_dir
+
+FORMAT = "lav2-adapter"
+FORMAT_VERSION = 1
+WEIGHTS = "adapter.safetensors"
+META = "lav2.json"
+
+
+def detect(path: Path) -> bool:
+    return path.is_dir() and (path / META).is_file()
+
+
+def save(out_dir: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+         extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write the artifact atomically (temporary directory, then rename)."""
+    out_dir = Path(out_dir)
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "lav2_version": __version__, **meta}
+    with atomic_dir(out_dir) as tmp:
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS))
+        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+    return out_dir
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        meta = json.loads((path / META).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise Lav2Error(f"{path / META}: unreadable ({e})") from e
+    if meta.get("format") != FORMAT:
+        raise Lav2Error(f"{path / META}: not a lav2 adapter (format {meta.get('format')!r})")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise Lav2Error(f"{path / META}: format version {meta['format_version']} is newer than this lav2 reads ({FORMAT_VERSION})")
+    return meta
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    f = Path(path) / WEIGHTS
+    if not f.is_file():
+        raise Lav2Error(f"{f}: missing")
+    try:
+        return load_file(str(f))
+    except Exception as e:
+        raise Lav2Error(f"{f}: unreadable safetensors ({str(e).splitlines()[0]})") from e

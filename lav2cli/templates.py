@@ -1,0 +1,88 @@
+"""Prompt templates and label masking.
+
+`alpaca` is the official LLaMA-Adapter template, text exact (spec section 4); `chatml` is
+the chat format of SmolLM2 and other ChatML models. Expert context and record `input` go into
+the Input section (alpaca) or a context paragraph before the question (chatml).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lav2cli.errors import Lav2Error
+from lav2cli.tokenizer import Tokenizer
+
+IGNORE_INDEX = -100
+
+ALPACA_PREAMBLE = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+)
+ALPACA_PREAMBLE_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+)
+# MME / short answers: the official evaluation's variant of the first sentence
+SHORT_ANSWER_SUFFIX = " using a single word or phrase."
+
+CHATML_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+
+    @property
+    def add_bos(self) -> bool:
+        return self.name == "alpaca"  # chatml prompts start with their own <|im_start|>
+
+    def prompt(self, instruction: str, input: str = "", short_answer: bool = False, system: str | None = None) -> str:
+        instruction, input = instruction.strip(), (input or "").strip()
+        if self.name == "alpaca":
+            head = ALPACA_PREAMBLE_INPUT if input else ALPACA_PREAMBLE
+            if short_answer:
+                head = head.replace(" the request.\n\n", " the request" + SHORT_ANSWER_SUFFIX + "\n\n")
+            if input:
+                return f"{head}### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+            return f"{head}### Instruction:\n{instruction}\n\n### Response:"
+        content = f"{input}\n\n{instruction}" if input else instruction
+        if short_answer:
+            content += "\nAnswer using a single word or phrase."
+        sys_text = system if system is not None else CHATML_SYSTEM
+        return (
+            f"<|im_start|>system\n{sys_text}<|im_end|>\n"
+            f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
+        )
+
+    def end_ids(self, tok: Tokenizer) -> list[int]:
+        """Tokens that close a supervised response (EOS; <|im_end|> for chatml)."""
+        if self.name == "chatml":
+            ids = tok.encode("<|im_end|>")
+            if len(ids) == 1:
+                return ids
+        return [tok.eos_id]
+
+    def encode_prompt(self, tok: Tokenizer, instruction: str, input: str = "", short_answer: bool = False) -> list[int]:
+        return tok.encode(self.prompt(instruction, input, short_answer), bos=self.add_bos)
+
+    def encode_example(self, tok: Tokenizer, instruction: str, input: str, output: str,
+                       max_tokens: int | None = None) -> tuple[list[int], list[int]]:
+        """Token ids and labels: prompt tokens masked (IGNORE_INDEX), response + end supervised."""
+        prompt = self.encode_prompt(tok, instruction, input)
+        # encoded apart from the prompt, so the mask boundary is exact (sentencepiece's dummy
+        # prefix supplies the space after "### Response:")
+        response = tok.encode(output.strip()) + self.end_ids(tok)
+        ids = prompt + response
+        labels = [IGNORE_INDEX] * len(prompt) + response
+        if max_tokens is not None:
+            ids, labels = ids[:max_tokens], labels[:max_tokens]
+        return ids, labels
+
+
+TEMPLATES = ("alpaca", "chatml")
+
+
+def get_template(name: str) -> Template:
+    if name not in TEMPLATES:
+        raise Lav2Error(f"unknown template {name!r} (expected one of {', '.join(TEMPLATES)})")
+    return Template(name)
