@@ -1,0 +1,194 @@
+"""The model's defining properties: zero-init identity, prompt/visual wiring per variant,
+exact tensor names and counts of the released checkpoints, cached = uncached decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lav2cli.generate import Sampling, generate
+from lav2cli.model.adapter import LlamaAdapterV2, is_adapter_param
+from lav2cli.model.config import AdapterConfig, LlamaConfig, VisualConfig
+
+TINY = LlamaConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=101, hidden_dim=96, max_seq_len=64)
+ENC_DIM = 24  # encoder features are passed directly as [B, N, ENC_DIM] tokens
+
+
+def visual(n_queries: int = 10) -> VisualConfig:
+    return VisualConfig(encoder_dim=ENC_DIM, width=32, depth=2, heads=4, n_queries=n_queries)
+
+
+def adapted(variant: str, lora: int = 0, seed: int = 0, **kw) -> tuple[LlamaAdapterV2, LlamaAdapterV2]:
+    """(base, adapted) sharing the base weights."""
+    torch.manual_seed(seed)
+    base = LlamaAdapterV2(TINY).eval()
+    model = LlamaAdapterV2(TINY, AdapterConfig(variant=variant, lora_rank=lora, visual=visual(), **kw)).eval()
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and all(is_adapter_param(n) for n in missing)
+    return base, model
+
+
+def open_gates(model: LlamaAdapterV2, value: float = 0.7, layers=None) -> None:
+    for i, layer in enumerate(model.llama.layers):
+        if layers is None or i in layers:
+            layer.attention.gate.data.fill_(value)
+
+
+def perturb_adapter(model: LlamaAdapterV2) -> None:
+    """Make every adapter tensor count: biases, scales, LoRA l2, gates away from their init."""
+    g = torch.Generator().manual_seed(1)
+    for n, p in model.named_parameters():
+        if is_adapter_param(n) and (n.endswith((".bias", ".scale", "_l2.weight", "gate"))):
+            p.data.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+@pytest.mark.parametrize("lora", [0, 8])
+def test_zero_init_identity(variant, lora):
+    base, model = adapted(variant, lora)
+    tokens = torch.randint(0, TINY.vocab_size, (2, 9))
+    feats = torch.randn(2, 7, ENC_DIM)
+    with torch.no_grad():
+        ref = base(tokens)
+        assert torch.equal(model(tokens), ref)
+        assert torch.equal(model(tokens, feats), ref)
+        open_gates(model)  # the same model with open gates must differ: the check above is not vacuous
+        assert (model(tokens, feats) - ref).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_bias_scale_lora_change_output_when_trained(variant):
+    base, model = adapted(variant, lora=4)
+    tokens = torch.randint(0, TINY.vocab_size, (1, 6))
+    for n, p in model.named_parameters():
+        if n.endswith("_l2.weight"):
+            p.data.normal_(0, 0.1)
+    with torch.no_grad():
+        assert (model(tokens) - base(tokens)).abs().max() > 1e-4
+
+
+def test_early_fusion_feeds_only_first_prompt_layers():
+    _, paper = adapted("paper")  # fusion_layers defaults to 1: the first prompt layer only
+    _, official = adapted("official")  # every prompt layer
+    tokens = torch.randint(0, TINY.vocab_size, (1, 5))
+    f1, f2 = torch.randn(1, 7, ENC_DIM), torch.randn(1, 7, ENC_DIM)
+    late = {TINY.n_layers - 1}  # the last layer is a prompt layer but not the first one
+    for m in (paper, official):
+        open_gates(m, layers=late)
+    with torch.no_grad():
+        assert torch.equal(paper(tokens, f1), paper(tokens, f2))  # late layers see no image
+        assert not torch.equal(official(tokens, f1), official(tokens, f2))
+        open_gates(paper, layers={TINY.n_layers - paper.adapter.prompt_layers})
+        assert not torch.equal(paper(tokens, f1), paper(tokens, f2))
+
+
+def test_image_mask_removes_image_per_row():
+    _, model = adapted("paper")
+    open_gates(model)
+    tokens = torch.randint(0, TINY.vocab_size, (2, 5))
+    feats = torch.randn(2, 7, ENC_DIM)
+    with torch.no_grad():
+        masked = model(tokens, feats, image_mask=torch.tensor([True, False]))
+        assert torch.allclose(masked[0], model(tokens[:1], feats[:1])[0], atol=1e-5)
+        assert torch.allclose(masked[1], model(tokens[1:])[0], atol=1e-6)
+
+
+def greedy_uncached(model, prompt: list[int], images, n: int) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids]), images)
+            ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_cached_generation_equals_uncached(variant):
+    _, model = adapted(variant, lora=4)
+    perturb_adapter(model)
+    feats = torch.randn(1, 7, ENC_DIM)
+    prompt = [5, 17, 3, 44, 9]
+    want = greedy_uncached(model, prompt, feats, 12)
+    got = generate(model, [prompt], stop_ids=frozenset(), pad_id=0, images=feats,
+                   sampling=Sampling(max_new_tokens=12, temperature=0))[0]
+    assert got == want
+
+
+def test_batched_left_padded_generation_equals_one_by_one():
+    _, model = adapted("paper", lora=4)
+    perturb_adapter(model)
+    prompts = [[5, 17, 3, 44, 9, 12, 80], [7, 2], [1, 2, 3, 4]]
+    s = Sampling(max_new_tokens=8, temperature=0)
+    alone = [generate(model, [p], stop_ids=frozenset(), pad_id=0, sampling=s)[0] for p in prompts]
+    batched = generate(model, prompts, stop_ids=frozenset(), pad_id=0, sampling=s)
+    assert batched == alone
+
+
+def test_generation_stops_at_stop_token_and_sampling_is_seeded():
+    _, model = adapted("paper")
+    prompt = [5, 17, 3]
+    full = generate(model, [prompt], stop_ids=frozenset(), pad_id=0, sampling=Sampling(6, temperature=0))[0]
+    stopped = generate(model, [prompt], stop_ids={full[2]}, pad_id=0, sampling=Sampling(6, temperature=0))[0]
+    assert stopped == full[: full.index(full[2])]
+    a = generate(model, [prompt], stop_ids=frozenset(), pad_id=0, sampling=Sampling(10, 1.0, 0.9, seed=3))[0]
+    b = generate(model, [prompt], stop_ids=frozenset(), pad_id=0, sampling=Sampling(10, 1.0, 0.9, seed=3))[0]
+    assert a == b and len(a) == 10
+
+
+LLAMA_7B = LlamaConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, vocab_size=32000, hidden_dim=11008,
+                       norm_eps=1e-6, max_seq_len=512)
+
+
+def official_7b(lora: int) -> LlamaAdapterV2:
+    cfg = AdapterConfig(variant="official", prompt_len=10, prompt_layers=31, lora_rank=lora,
+                        visual=VisualConfig(encoder_dim=768, width=768, depth=8, heads=16, n_queries=10))
+    with torch.device("meta"):
+        return LlamaAdapterV2(LLAMA_7B, cfg)
+
+
+def test_official_7b_parameter_counts_match_the_release():
+    bias = official_7b(0).adapter_state_dict()
+    assert sum(t.numel() for t in bias.values()) == 63_095_552  # BIAS-7B (spec 2.4)
+    lora = official_7b(16).adapter_state_dict()
+    assert sum(t.numel() for t in lora.values()) == 103_072_544  # LORA-BIAS-7B
+    groups = {
+        "visual_blocks.": 56_702_976, "clip_proj": 592_128, "visual_query.": 7_680, "visual_proj": 3_158_016,
+        "adapter_query.": 1_269_760,
+    }
+    for prefix, n in groups.items():
+        assert sum(t.numel() for k, t in bias.items() if k.startswith(prefix)) == n, prefix
+    assert sum(t.numel() for k, t in bias.items() if k.startswith("llama.") and k.endswith(".bias")) == 1_097_728
+    assert sum(t.numel() for k, t in bias.items() if k.endswith("gate")) == 1_024
+
+
+def test_official_tensor_names():
+    names = set(official_7b(16).adapter_state_dict())
+    for n in ["llama.layers.0.attention.wq.bias", "llama.layers.0.attention.wo.bias",
+              "llama.layers.31.feed_forward.w3.bias", "llama.layers.5.attention.gate",
+              "llama.layers.5.attention.new_gate", "llama.layers.5.attention.lora_wk_l1.weight",
+              "llama.layers.5.feed_forward.lora_w2_l2.weight", "llama.layers.5.attention_norm.weight",
+              "llama.norm.weight", "adapter_query.weight", "visual_query.weight", "clip_proj.weight",
+              "clip_proj_norm.bias", "visual_blocks.7.attn.qkv.weight", "visual_blocks.0.mlp.fc2.bias",
+              "visual_proj.weight", "visual_proj_norm.weight"]:
+        assert n in names, n
+    assert "llama.layers.0.attention.wk.bias" not in names  # official: no bias on wk, wv
+    assert not any(n.endswith(".scale") for n in names)  # official: no scale
+    paper = LlamaAdapterV2(TINY, AdapterConfig(variant="paper", visual=None))
+    pn = set(paper.adapter_state_dict())
+    assert {"llama.layers.0.attention.wk.bias", "llama.layers.0.attention.wk.scale"} <= pn
+
+
+def test_only_adapter_parameters_get_gradients():
+    _, model = adapted("paper", lora=4)
+    model.freeze_base()
+    open_gates(model)
+    tokens = torch.randint(0, TINY.vocab_size, (2, 6))
+    model.train()
+    logits = model(tokens, torch.randn(2, 7, ENC_DIM))
+    logits.float().logsumexp(-1).mean().backward()
+    for n, p in model.named_parameters():
+        if is_adapter_param(n):
+            assert p.requires_grad, n
+        else:
+            assert not p.requires_grad and p.grad is None, n
+    assert model.llama.layers[1].attention.gate.grad is not None
