@@ -1,8 +1,26 @@
-"""One small tokenizer interface, two backends: sentencepiece and byte-level BPE (tokenizers)."""
+"""One small tokenizer interface, two backends: sentencepiece and byte-level BPE (tokenizers).
+
+- `SentencePieceTokenizer(model_path)`: Meta LLaMA's `tokenizer.model`.
+- `BPETokenizer`: anything the `tokenizers` library can run, built from an HF `tokenizer.json`
+  (`from_file`) or from a llama.cpp GGUF vocabulary (`from_gguf_metadata` for "gpt2" byte-level
+  BPE vocabularies, `from_gguf_spm` for "llama" sentencepiece-style vocabularies).
+- `load_tokenizer(dir_or_file)` picks the backend from the files present.
+- `StreamDecoder` turns a growing id list into text increments (holds back incomplete UTF-8).
+
+`encode(text, bos, eos)` never adds anything by itself; `bos=True` prepends the BOS token when the
+model uses one (`add_bos`; SmolLM2's vocabulary does not), `eos=True` appends EOS.
+`decode(ids, skip_special=True)` drops special/control tokens (what users should see);
+`skip_special=False` gives the exact text back, special tokens included.
+"""
 
 from __future__ import annotations
 
-from typing import Protocol
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Protocol
+
+from lav2cli.errors import Lav2Error
 
 
 class Tokenizer(Protocol):
@@ -16,3 +34,448 @@ class Tokenizer(Protocol):
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
+
+
+# Tokens that end a turn or a document in common vocabularies; any present joins stop_ids.
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
+
+
+# --- sentencepiece ----------------------------------------------------------------------------
+
+
+class SentencePieceTokenizer:
+    """Meta LLaMA's sentencepiece tokenizer (`tokenizer.model`)."""
+
+    kind = "sentencepiece"
+
+    def __init__(self, model_path: str | os.PathLike, chat_template: str | None = None):
+        import sentencepiece as spm
+
+        self.path = Path(model_path)
+        if not self.path.is_file():
+            raise Lav2Error(f"{self.path}: tokenizer model not found")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except Exception as e:  # sentencepiece raises RuntimeError/OSError with long texts
+            raise Lav2Error(f"{self.path}: not a sentencepiece model ({str(e).splitlines()[0]})") from None
+        self.vocab_size: int = self.sp.get_piece_size()
+        bos = self.sp.bos_id()
+        eos = self.sp.eos_id()
+        self.bos_id: int | None = bos if bos >= 0 else None
+        self.add_bos = self.bos_id is not None
+        self.eos_id: int = eos if eos >= 0 else 0
+        pad = self.sp.pad_id()
+        self.pad_id: int = pad if pad >= 0 else (eos if eos >= 0 else 0)
+        stops = {self.eos_id}
+        for t in STOP_TOKENS:
+            i = self.token_to_id(t)
+            if i is not None:
+                stops.add(i)
+        self.stop_ids: frozenset[int] = frozenset(stops)
+        self.chat_template = chat_template
+        self._special = frozenset(
+            i for i in range(self.vocab_size) if self.sp.is_control(i) or self.sp.is_unknown(i)
+        )
+
+    def token_to_id(self, token: str) -> int | None:
+        i = self.sp.piece_to_id(token)
+        if i == self.sp.unk_id() and token != self.sp.id_to_piece(i):
+            return None
+        return i
+
+    def id_to_token(self, i: int) -> str:
+        return self.sp.id_to_piece(i)
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = list(self.sp.encode(text))
+        if bos and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        if eos:
+            ids = ids + [self.eos_id]
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        if not skip_special:
+            # sentencepiece renders control tokens as "", so splice their pieces in by hand
+            out, run = [], []
+            for i in ids:
+                if i in self._special and not self.sp.is_unknown(i):
+                    if run:
+                        out.append(self.sp.decode(run))
+                        run = []
+                    out.append(self.sp.id_to_piece(i))
+                else:
+                    run.append(i)
+            if run:
+                out.append(self.sp.decode(run))
+            return "".join(out)
+        return self.sp.decode([i for i in ids if i not in self._special])
+
+    def __repr__(self) -> str:
+        return f"SentencePieceTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+# --- tokenizers (BPE) -------------------------------------------------------------------------
+
+
+def _token_content(v: Any) -> str | None:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, dict) and isinstance(v.get("content"), str):
+        return v["content"]
+    return None
+
+
+def _read_json(p: Path) -> dict[str, Any]:
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise Lav2Error(f"{p}: cannot read JSON ({e})") from None
+    return d if isinstance(d, dict) else {}
+
+
+# llama.cpp pre-tokenizer names -> split regex (None: plain GPT-2 byte-level regex)
+_LLAMA3_RE = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_RE = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_DIGITS_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
+_GPT2_PRE = {"default", "gpt-2", "gpt2", "olmo", "phi-2", "jina-es", "jina-de", "poro-chat", "viking"}
+
+
+class BPETokenizer:
+    """A `tokenizers.Tokenizer` with the bos/eos/pad/stop ids and chat template of its model."""
+
+    kind = "bpe"
+
+    def __init__(
+        self,
+        tok: Any,
+        *,
+        bos_id: int | None,
+        eos_id: int,
+        pad_id: int | None = None,
+        add_bos: bool = False,
+        chat_template: str | None = None,
+        extra_stop_ids: Iterable[int] = (),
+        source: Path | None = None,
+    ):
+        self.tok = tok
+        self.source = source
+        self.vocab_size: int = tok.get_vocab_size(with_added_tokens=True)
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        self.pad_id: int = pad_id if pad_id is not None else eos_id
+        self.add_bos = bool(add_bos) and bos_id is not None
+        self.chat_template = chat_template
+        stops = {eos_id, *[int(i) for i in extra_stop_ids]}
+        for t in STOP_TOKENS:
+            i = tok.token_to_id(t)
+            if i is not None:
+                stops.add(i)
+        self.stop_ids: frozenset[int] = frozenset(stops)
+
+    # constructors ----------------------------------------------------------------------------
+
+    @classmethod
+    def from_file(cls, tokenizer_json: str | os.PathLike) -> "BPETokenizer":
+        """An HF `tokenizer.json`; bos/eos/chat template from the `tokenizer_config.json`,
+        `config.json` and `generation_config.json` next to it when present."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        p = Path(tokenizer_json)
+        if p.is_dir():
+            p = p / "tokenizer.json"
+        if not p.is_file():
+            raise Lav2Error(f"{p}: tokenizer.json not found")
+        try:
+            tok = HFTokenizer.from_file(str(p))
+        except Exception as e:
+            raise Lav2Error(f"{p}: not a tokenizers JSON file ({str(e).splitlines()[0]})") from None
+        d = p.parent
+        tcfg = _read_json(d / "tokenizer_config.json") if (d / "tokenizer_config.json").is_file() else {}
+        mcfg = _read_json(d / "config.json") if (d / "config.json").is_file() else {}
+        gcfg = _read_json(d / "generation_config.json") if (d / "generation_config.json").is_file() else {}
+
+        def tid(name: str) -> int | None:
+            c = _token_content(tcfg.get(name))
+            return tok.token_to_id(c) if c is not None else None
+
+        def first(v: Any) -> tuple[int | None, list[int]]:
+            if isinstance(v, int):
+                return v, []
+            if isinstance(v, list) and v and all(isinstance(x, int) for x in v):
+                return v[0], list(v[1:])
+            return None, []
+
+        extra: list[int] = []
+        eos = tid("eos_token")
+        for cfg in (gcfg, mcfg):
+            e0, rest = first(cfg.get("eos_token_id"))
+            extra += rest + ([e0] if e0 is not None else [])
+            if eos is None:
+                eos = e0
+        bos = tid("bos_token")
+        if bos is None:
+            bos = first(mcfg.get("bos_token_id"))[0] if "bos_token_id" in mcfg else None
+        pad = tid("pad_token")
+        if pad is None:
+            pad = first(mcfg.get("pad_token_id"))[0]
+        if eos is None:
+            for t in STOP_TOKENS:
+                eos = tok.token_to_id(t)
+                if eos is not None:
+                    break
+        if eos is None:
+            raise Lav2Error(f"{p}: no end-of-sequence token (no eos_token in tokenizer_config.json)")
+        add_bos = tcfg.get("add_bos_token")
+        if add_bos is None:  # HF's default: only when the post-processor inserts it
+            add_bos = bos is not None and bos in tok.encode("a", add_special_tokens=True).ids
+        tmpl = tcfg.get("chat_template")
+        if isinstance(tmpl, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in tmpl if isinstance(t, dict)}
+            tmpl = named.get("default") or next(iter(named.values()), None)
+        if tmpl is None and (d / "chat_template.jinja").is_file():
+            tmpl = (d / "chat_template.jinja").read_text(encoding="utf-8")
+        return cls(tok, bos_id=bos, eos_id=eos, pad_id=pad, add_bos=bool(add_bos),
+                   chat_template=tmpl if isinstance(tmpl, str) else None, extra_stop_ids=extra, source=p)
+
+    @classmethod
+    def from_gguf_metadata(
+        cls,
+        tokens: list[str],
+        merges: list[str],
+        token_types: list[int] | None,
+        bos_id: int | None,
+        eos_id: int,
+        pad_id: int | None = None,
+        pre: str | None = None,
+        *,
+        add_bos: bool = False,
+        chat_template: str | None = None,
+    ) -> "BPETokenizer":
+        """A llama.cpp "gpt2" (byte-level BPE) vocabulary. Control tokens (type 3) become special
+        added tokens, user-defined ones (type 4) plain added tokens, so that "<|im_start|>" in text
+        encodes to its single id. `pre` is llama.cpp's pre-tokenizer name (tokenizer.ggml.pre)."""
+        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+        from tokenizers import Tokenizer as HFTokenizer
+
+        vocab = {t: i for i, t in enumerate(tokens)}
+        if len(vocab) != len(tokens):
+            raise Lav2Error("GGUF tokenizer: duplicate tokens in tokenizer.ggml.tokens")
+        pairs = []
+        for m in merges:
+            a, sep, b = m.partition(" ")
+            if not sep:
+                raise Lav2Error(f"GGUF tokenizer: bad merge {m!r} in tokenizer.ggml.merges")
+            pairs.append((a, b))
+        model = models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False)
+        tok = HFTokenizer(model)
+        pre = (pre or "default").lower()
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        if pre in _DIGITS_PRE:
+            tok.pre_tokenizer = pre_tokenizers.Sequence(
+                [pre_tokenizers.Digits(individual_digits=True), byte_level])
+        elif pre in ("llama-bpe", "llama3", "llama-v3", "dbrx", "smaug-bpe", "falcon3"):
+            tok.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(_LLAMA3_RE), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        elif pre in ("qwen2", "deepseek-r1-qwen"):
+            tok.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(_QWEN2_RE), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        elif pre in _GPT2_PRE:
+            tok.pre_tokenizer = byte_level
+        else:
+            raise Lav2Error(f"GGUF tokenizer: pre-tokenizer {pre!r} is not supported "
+                            f"(known: {', '.join(sorted(_DIGITS_PRE | _GPT2_PRE))}, llama-bpe, qwen2)")
+        tok.decoder = decoders.ByteLevel()
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        _add_typed_tokens(tok, tokens, token_types, AddedToken)
+        return cls(tok, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, add_bos=add_bos,
+                   chat_template=chat_template)
+
+    @classmethod
+    def from_gguf_spm(
+        cls,
+        tokens: list[str],
+        scores: list[float],
+        token_types: list[int] | None,
+        bos_id: int | None,
+        eos_id: int,
+        pad_id: int | None = None,
+        unk_id: int | None = 0,
+        *,
+        add_bos: bool = True,
+        add_space_prefix: bool = True,
+        chat_template: str | None = None,
+    ) -> "BPETokenizer":
+        """A llama.cpp "llama" (sentencepiece-style) vocabulary: BPE whose merges are ranked by the
+        score of the merged piece (llama.cpp's rule), byte fallback to <0xNN> pieces."""
+        from tokenizers import AddedToken, decoders, models, normalizers
+        from tokenizers import Tokenizer as HFTokenizer
+
+        vocab = {t: i for i, t in enumerate(tokens)}
+        types = list(token_types) if token_types is not None else [1] * len(tokens)
+        ranked = []
+        for t, i in vocab.items():
+            if types[i] != 1 or len(t) < 2:
+                continue
+            for k in range(1, len(t)):
+                a, b = t[:k], t[k:]
+                ia, ib = vocab.get(a), vocab.get(b)
+                if ia is not None and ib is not None and types[ia] == 1 and types[ib] == 1:
+                    ranked.append((-float(scores[i]), i, ia, ib, a, b))
+        ranked.sort()
+        unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None
+        model = models.BPE(vocab=vocab, merges=[(r[4], r[5]) for r in ranked], unk_token=unk,
+                           fuse_unk=True, byte_fallback=True)
+        tok = HFTokenizer(model)
+        norms = [normalizers.Prepend("\u2581")] if add_space_prefix else []
+        tok.normalizer = normalizers.Sequence(norms + [normalizers.Replace(" ", "\u2581")])
+        decs = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        if add_space_prefix:
+            decs.append(decoders.Strip(" ", 1, 0))
+        tok.decoder = decoders.Sequence(decs)
+        _add_typed_tokens(tok, tokens, types, AddedToken)
+        return cls(tok, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, add_bos=add_bos,
+                   chat_template=chat_template)
+
+    # serialisation ---------------------------------------------------------------------------
+
+    def to_json(self) -> str:
+        """The HF tokenizer.json text (the ids and template go to tokenizer_config.json: `save`)."""
+        return self.tok.to_str()
+
+    def config_dict(self) -> dict[str, Any]:
+        """An HF-style tokenizer_config.json that `from_file` reads back."""
+        def name(i: int | None) -> str | None:
+            return None if i is None else self.tok.id_to_token(i)
+
+        d: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": name(self.bos_id),
+            "eos_token": name(self.eos_id),
+            "pad_token": name(self.pad_id),
+            "add_bos_token": self.add_bos,
+            "add_eos_token": False,
+        }
+        if self.chat_template is not None:
+            d["chat_template"] = self.chat_template
+        return d
+
+    def save(self, directory: str | os.PathLike) -> list[Path]:
+        """Write tokenizer.json and tokenizer_config.json into `directory`."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        a, b = d / "tokenizer.json", d / "tokenizer_config.json"
+        a.write_text(self.to_json(), encoding="utf-8")
+        b.write_text(json.dumps(self.config_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return [a, b]
+
+    # the interface ---------------------------------------------------------------------------
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.tok.id_to_token(i)
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        if bos and self.add_bos and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        if eos:
+            ids = ids + [self.eos_id]
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+    def __repr__(self) -> str:
+        return f"BPETokenizer(vocab_size={self.vocab_size}, eos={self.eos_id}, source={self.source})"
+
+
+def _add_typed_tokens(tok: Any, tokens: list[str], types: list[int] | None, AddedToken: Any) -> None:
+    if types is None:
+        return
+    special = [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t == 3]
+    user = [AddedToken(tokens[i], special=False, normalized=False) for i, t in enumerate(types) if t == 4]
+    if special:
+        tok.add_special_tokens(special)
+    if user:
+        tok.add_tokens(user)
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+class StreamDecoder:
+    """Incremental text for a growing id list: `push(id)` returns the new text since the last
+    call. Text ending in an incomplete UTF-8 sequence (U+FFFD) is held back until completed."""
+
+    def __init__(self, tokenizer: Any, skip_special: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special = skip_special
+        self.ids: list[int] = []
+        self.text = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        full = self.tokenizer.decode(self.ids, skip_special=self.skip_special)
+        if full.endswith("\ufffd") or not full.startswith(self.text):
+            return ""
+        new, self.text = full[len(self.text):], full
+        return new
+
+    def flush(self) -> str:
+        full = self.tokenizer.decode(self.ids, skip_special=self.skip_special)
+        new = full[len(self.text):] if full.startswith(self.text) else ""
+        self.text = full
+        return new
+
+
+def load_tokenizer(dir_or_file: str | os.PathLike) -> SentencePieceTokenizer | BPETokenizer:
+    """`tokenizer.model` -> sentencepiece, `tokenizer.json` -> BPE (tokenizers). In a directory
+    with both, sentencepiece wins unless tokenizer.json knows more tokens (added chat tokens)."""
+    p = Path(dir_or_file)
+    if p.is_file():
+        if p.suffix == ".json":
+            return BPETokenizer.from_file(p)
+        tmpl = _template_near(p.parent)
+        return SentencePieceTokenizer(p, chat_template=tmpl)
+    if not p.is_dir():
+        raise Lav2Error(f"{p}: no such tokenizer file or directory")
+    spm_path, json_path = p / "tokenizer.model", p / "tokenizer.json"
+    if spm_path.is_file():
+        sp = SentencePieceTokenizer(spm_path, chat_template=_template_near(p))
+        if json_path.is_file():
+            bpe = BPETokenizer.from_file(json_path)
+            if bpe.vocab_size > sp.vocab_size:
+                return bpe
+        return sp
+    if json_path.is_file():
+        return BPETokenizer.from_file(json_path)
+    raise Lav2Error(f"{p}: no tokenizer found (expected tokenizer.model or tokenizer.json)")
+
+
+def _template_near(d: Path) -> str | None:
+    f = d / "tokenizer_config.json"
+    if f.is_file():
+        t = _read_json(f).get("chat_template")
+        if isinstance(t, str):
+            return t
+    return None
+
+
+def tokenizer_uses_chatml(tok: Any) -> bool:
+    """Whether the model's chat template (or vocabulary) is ChatML (<|im_start|> ... <|im_end|>)."""
+    t = getattr(tok, "chat_template", None)
+    if t:
+        return "<|im_start|>" in t
+    return False

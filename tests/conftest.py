@@ -1,0 +1,51 @@
+"""Shared fixtures: a sentencepiece model trained in the test session and a tiny LLaMA config."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+_WORDS = (
+    "the a cat dog sat on mat red blue green shape circle square triangle image picture what is "
+    "color of there in this how many yes no small large photo shows answer question llama adapter "
+    "vision language model token text hello world one two three four five six seven eight nine"
+).split()
+
+
+@pytest.fixture(scope="session")
+def spm_model_path(tmp_path_factory):
+    """A small BPE sentencepiece model (vocab 300, bos 1, eos 2, unk 0, no pad)."""
+    import sentencepiece as spm
+
+    d = tmp_path_factory.mktemp("spm")
+    rng = random.Random(0)
+    lines = []
+    for _ in range(3000):
+        n = rng.randint(3, 12)
+        s = " ".join(rng.choice(_WORDS) for _ in range(n))
+        lines.append(s.capitalize() + rng.choice([".", "?", "!", ",", ":"]) + f" {rng.randint(0, 999)}")
+    corpus = d / "corpus.txt"
+    corpus.write_text("\n".join(lines) + "\n")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(d / "tokenizer"), vocab_size=300, model_type="bpe",
+        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
+        minloglevel=2,
+    )
+    return d / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_config(spm_model_path):
+    """dim 64, 2 layers, 4 heads, 2 kv heads (GQA), SwiGLU width 160 (needs ffn_dim_multiplier in
+    params.json), vocab of the session's sentencepiece model."""
+    import sentencepiece as spm
+
+    from lav2cli.model.config import LlamaConfig
+
+    vocab = spm.SentencePieceProcessor(model_file=str(spm_model_path)).get_piece_size()
+    return LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, hidden_dim=160,
+                       norm_eps=1e-5, rope_theta=10000.0, tie_embeddings=False, max_seq_len=256)
