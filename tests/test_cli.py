@@ -1,0 +1,94 @@
+"""`lav2 ask` and `lav2 info` as a user runs them (subprocesses), on the real embedded base."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "LAV2_DEBUG": ""}
+
+
+def lav2(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lav2cli", *args], input=stdin, capture_output=True,
+                          text=True, env=ENV, timeout=600)
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, *words: str) -> None:
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("lav2: error:"), r.stderr
+    assert "Traceback" not in r.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[Path]:
+    d = tmp_path_factory.mktemp("imgs")
+    out = []
+    for i, color in enumerate(["red", "blue"]):
+        p = d / f"{i}.png"
+        Image.new("RGB", (64, 64), color).save(p)
+        out.append(p)
+    return out
+
+
+def test_ask_text_only_answers_paris():
+    r = lav2("ask", "none", "What is the capital of France?", "--temperature", "0", "--max-new-tokens", "30")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+
+
+def test_ask_stdin_json_one_line_per_image(images):
+    r = lav2("ask", "-", "What color is this?", "--json", "--max-new-tokens", "8", "--temperature", "0",
+             stdin="\n".join(str(p) for p in images) + "\n")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(ln) for ln in r.stdout.strip().splitlines()]
+    assert [row["image"] for row in rows] == [str(p) for p in images]
+    assert all(isinstance(row["answer"], str) and row["new_tokens"] >= 1 for row in rows)
+    assert "cannot see" in r.stderr  # the base model has no trained visual branch: it says so
+
+
+def test_ask_stdin_bad_line_is_reported_and_others_answered(images, tmp_path):
+    r = lav2("ask", "-", "Hi", "--json", "--max-new-tokens", "3", stdin=f"{images[0]}\n{tmp_path / 'nope.png'}\n")
+    assert r.returncode == 1
+    rows = [json.loads(ln) for ln in r.stdout.strip().splitlines()]
+    assert "answer" in rows[0] and "image not found" in rows[1]["error"]
+
+
+def test_ask_missing_image(tmp_path):
+    assert_one_line_error(lav2("ask", str(tmp_path / "missing.jpg"), "hi"), "missing.jpg", "not found")
+
+
+def test_ask_file_that_is_not_an_image(tmp_path):
+    bad = tmp_path / "fake.jpg"
+    bad.write_text("this is text, not a JPEG")
+    assert_one_line_error(lav2("ask", str(bad), "hi"), "fake.jpg", "not a readable image")
+
+
+def test_unknown_model_reference():
+    assert_one_line_error(lav2("ask", "none", "hi", "--model", "no-such-model-xyz"), "no-such-model-xyz")
+
+
+def test_directory_without_weights(tmp_path):
+    assert_one_line_error(lav2("info", str(tmp_path)), str(tmp_path), "no LLaMA weights")
+
+
+def test_info_json_describes_the_base():
+    r = lav2("info", "smollm2-135m-instruct", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["llama"]["dim"] == 576 and info["llama"]["n_kv_heads"] == 3 and info["template"] == "chatml"
+    assert info["parameters"]["base LLaMA (frozen)"] > 100_000_000 and info["adapter"] is None
+
+
+def test_help_has_examples():
+    for cmd in ("ask", "info"):
+        r = lav2(cmd, "--help")
+        assert r.returncode == 0 and "Examples" in r.stdout
