@@ -1,0 +1,169 @@
+"""The lav2 record: one training or evaluation example, stored as one JSON line.
+
+A records file (written by ``lav2 prepare``, read by ``train`` and ``eval``) holds one JSON object
+per line::
+
+    {"id": "coco-48", "image": "images/0001.jpg", "instruction": "Generate caption of this image",
+     "input": "", "output": "A man riding a horse.", "kind": "caption", "source": "coco"}
+
+Core fields (always present, in this order when written):
+
+- ``id``: unique within the file (string).
+- ``image``: path to the image, or ``null`` for text-only records. A relative path is relative to
+  the folder of the records file. Writers use one rule (:func:`image_ref`): relative (with ``/``)
+  when the image lies under that folder, absolute otherwise.
+- ``instruction``, ``input``, ``output``: the prompt, optional context (``""`` when none) and the
+  target text.
+- ``kind``: ``"caption"``, ``"instruction"`` or ``"vqa"``.
+- ``source``: the converter that wrote it (``coco``, ``karpathy``, ``csv``, ``alpaca``, ``llava``,
+  ``mme``, ``easyvqa``).
+
+Any other keys are task fields, kept in :attr:`Record.extra` and written after the core fields:
+``split`` (the source's own split name, where it has one), MME's ``subtask``, ``pair`` (shared by
+the two questions about one image) and ``category`` (``perception`` or ``cognition``).
+
+This module imports nothing heavy (no torch, no PIL) so that any command can use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from lav2cli.errors import Lav2Error
+
+KINDS = ("caption", "instruction", "vqa")
+CORE_FIELDS = ("id", "image", "instruction", "input", "output", "kind", "source")
+
+
+@dataclass
+class Record:
+    """One example. ``image`` is a path (see :func:`read_records` for how it is resolved) or None."""
+
+    id: str
+    image: str | None
+    instruction: str
+    output: str
+    kind: str
+    source: str
+    input: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self, base_dir: str | None = None, cache: dict[str, str] | None = None) -> dict[str, Any]:
+        """The JSON object for this record; the image path is written by :func:`image_ref`.
+
+        ``cache`` (a dict kept across calls with the same ``base_dir``) memoises the image paths
+        when many records share an image.
+        """
+        if self.image is None:
+            image = None
+        elif cache is None:
+            image = image_ref(self.image, base_dir)
+        else:
+            image = cache.get(self.image)
+            if image is None:
+                image = cache[self.image] = image_ref(self.image, base_dir)
+        obj: dict[str, Any] = {
+            "id": self.id,
+            "image": image,
+            "instruction": self.instruction,
+            "input": self.input,
+            "output": self.output,
+            "kind": self.kind,
+            "source": self.source,
+        }
+        obj.update(self.extra)
+        return obj
+
+    @classmethod
+    def from_dict(cls, obj: Any, base_dir: str | None = None) -> "Record":
+        """Validate one parsed JSON object; raises ValueError saying what is wrong.
+
+        A relative ``image`` is joined to ``base_dir`` (when given) and normalised.
+        ``input`` may be absent (it then reads as ``""``).
+        """
+        if not isinstance(obj, dict):
+            raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+        missing = [k for k in CORE_FIELDS if k not in obj and k != "input"]
+        if missing:
+            raise ValueError(f"missing field(s) {', '.join(missing)}")
+        for key in ("id", "instruction", "output", "kind", "source"):
+            if not isinstance(obj[key], str):
+                raise ValueError(f"field {key!r} must be a string")
+        if obj["id"] == "":
+            raise ValueError("field 'id' is empty")
+        text_input = obj.get("input", "")
+        if not isinstance(text_input, str):
+            raise ValueError("field 'input' must be a string")
+        if obj["kind"] not in KINDS:
+            raise ValueError(f"field 'kind' is {obj['kind']!r}, expected one of {', '.join(KINDS)}")
+        image = obj["image"]
+        if image is not None:
+            if not isinstance(image, str) or image == "":
+                raise ValueError("field 'image' must be a path or null")
+            if base_dir is not None and not os.path.isabs(image):
+                image = os.path.normpath(os.path.join(base_dir, image))
+        extra = {k: v for k, v in obj.items() if k not in CORE_FIELDS}
+        return cls(
+            id=obj["id"],
+            image=image,
+            instruction=obj["instruction"],
+            output=obj["output"],
+            kind=obj["kind"],
+            source=obj["source"],
+            input=text_input,
+            extra=extra,
+        )
+
+
+def image_ref(path: str, base_dir: str | None) -> str:
+    """How an image path is written into a records file living in ``base_dir``.
+
+    Relative (POSIX separators) when the image is inside ``base_dir``; absolute otherwise, and
+    always absolute when ``base_dir`` is None (records written to stdout). Paths are compared
+    after ``os.path.abspath`` (symbolic links are not resolved).
+    """
+    absolute = os.path.abspath(path)
+    if base_dir is None:
+        return absolute
+    base = os.path.abspath(base_dir)
+    try:
+        inside = os.path.commonpath([absolute, base]) == base
+    except ValueError:  # different drives (Windows)
+        inside = False
+    if not inside:
+        return absolute
+    return os.path.relpath(absolute, base).replace(os.sep, "/")
+
+
+def read_records(path: str | os.PathLike[str]) -> Iterator[Record]:
+    """Yield the records of a JSON lines file, validated, with image paths made absolute.
+
+    Relative image paths resolve against the folder holding ``path``. Blank lines are ignored.
+    The first malformed line (bad JSON, a missing or mistyped field, an unknown kind) raises
+    :class:`~lav2cli.errors.Lav2Error` as ``"FILE:LINE: reason"``. Images are not opened here.
+    """
+    path = os.fspath(path)
+    base_dir = os.path.dirname(os.path.abspath(path))
+    try:
+        handle = open(path, encoding="utf-8")
+    except OSError as e:
+        raise Lav2Error(f"{path}: cannot read records: {e.strerror or e}") from None
+    with handle:
+        lineno = 0
+        try:
+            for lineno, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise Lav2Error(f"{path}:{lineno}: malformed json ({e.msg})") from None
+                try:
+                    yield Record.from_dict(obj, base_dir)
+                except ValueError as e:
+                    raise Lav2Error(f"{path}:{lineno}: {e}") from None
+        except UnicodeDecodeError:
+            raise Lav2Error(f"{path}:{lineno + 1}: not UTF-8 text") from None
