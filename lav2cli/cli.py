@@ -236,11 +236,12 @@ def ask(
     from lav2cli import ask as ask_mod
     from lav2cli.generate import Sampling
 
+    ask_mod.check_image_arg(image)
     engine = _load_engine(model, base, clip, device, dtype)
     err = _stderr()
     status = ask_mod.run(engine, image, prompt, Sampling(max_new_tokens, temperature, top_p, seed),
                          as_json=as_json, show_prompt=show_prompt, model_name=model, compile=compile,
-                         log=lambda m: err.print(m, markup=False))
+                         log=lambda m: err.print(m, markup=False, soft_wrap=True))
     raise typer.Exit(status)
 
 

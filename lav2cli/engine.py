@@ -227,6 +227,26 @@ class Engine:
             images = images.to(self.device, self.dtype if images.dim() == 4 else images.dtype)
         return self.model(tokens, images).float()
 
+    def save_adapter(self, out_dir: str | Path, training: dict[str, Any] | None = None,
+                     tensors: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the adapter as a lav2 artifact (atomic): its tensors (default: all adapter
+        tensors) and everything needed to rebuild the model around them."""
+        from lav2cli.formats import artifact
+
+        c = self.config
+        if c.adapter is None:
+            raise Lav2Error(f"{c.ref}: a base model has no adapter to save")
+        meta = {
+            "variant": c.adapter.variant,
+            "adapter": c.adapter.to_dict(),
+            "base": {"ref": c.base_ref, "format": c.base_format, "config": c.llama.to_dict()},
+            "encoder": c.encoder,
+            "preprocess": c.preprocess.to_dict() if c.preprocess else None,
+            "template": c.template,
+            "training": training or c.meta.get("training"),
+        }
+        return artifact.save(out_dir, tensors if tensors is not None else self.model.adapter_state_dict(), meta)
+
     def generate(self, prompts: list[list[int]], images: torch.Tensor | None = None,
                  image_mask: torch.Tensor | None = None, sampling=None, on_token=None,
                  compile: bool = False) -> list[list[int]]:
@@ -238,8 +258,13 @@ class Engine:
 
 
 def load(ref: str, *, base: str | None = None, clip: str | None = None,
-         device: str | torch.device = "auto", dtype: str | torch.dtype = "auto") -> Engine:
-    """Resolve a model reference (DESIGN.md section 2) and build the engine."""
+         device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+         adapter: AdapterConfig | None = None, encoder: dict[str, Any] | None = None) -> Engine:
+    """Resolve a model reference (DESIGN.md section 2) and build the engine.
+
+    `adapter` (with `encoder`, an encoder spec, when it has a visual branch) puts a fresh
+    adapter on a base reference: the starting point of training.
+    """
     from lav2cli.formats import artifact, official
 
     dev = resolve_device(device)
@@ -282,8 +307,11 @@ def load(ref: str, *, base: str | None = None, clip: str | None = None,
         base_ref = str(ref)
         bw = load_base_ref(base_ref)
         template = bw.template
+        adapter_cfg, enc_spec = adapter, encoder or enc_spec
     files = list(bw.files) + files
 
+    if adapter is not None and kind != "base":
+        raise Lav2Error(f"{ref}: already an adapter; a fresh adapter goes on a base model")
     encoder = None
     if adapter_cfg is not None and adapter_cfg.visual is not None:
         if enc_spec is None:

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
+import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# conversions (the GGUF cache) go to a per-session folder, never the user's cache
+if "LAV2_CACHE" not in os.environ:
+    os.environ["LAV2_CACHE"] = tempfile.mkdtemp(prefix="lav2-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["LAV2_CACHE"], True)
 
 _WORDS = (
     "the a cat dog sat on mat red blue green shape circle square triangle image picture what is "
