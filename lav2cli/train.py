@@ -1,0 +1,523 @@
+"""`lav2 train`: the stages `pretrain`, `finetune` and `joint` in one readable loop.
+
+    setup    recipe -> engine (frozen base + adapter) -> parameter groups -> data streams
+             -> AdamW + warmup/cosine schedule; on --resume also their saved states
+    train    per step: pick the stream (joint), forward/backward over micro-batches, hand
+             only this stream's group to AdamW (others get grad None: they do not move),
+             clip, step, log
+    save     every N steps and at the end: the adapter artifact plus the trainer state,
+             one atomic directory swap
+
+Parameter groups (spec section 5): `image_text` = visual branch + the gates of the visual
+layers (+ their prompt rows); `instruction` = the other prompts and gates, bias, scale,
+norms, LoRA. `group_of` is the one predicate deciding it, for both variants.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import random
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from lav2cli.data.dataset import Batch, Stream, collate, load_examples
+from lav2cli.engine import Engine, load
+from lav2cli.errors import Lav2Error
+from lav2cli.formats import artifact
+from lav2cli.model.adapter import LlamaAdapterV2, is_adapter_param
+from lav2cli.model.config import AdapterConfig
+from lav2cli.model.vision import load_image
+from lav2cli.recipe import Recipe, load_recipe
+from lav2cli.templates import IGNORE_INDEX
+
+IMAGE_TEXT, INSTRUCTION = "image_text", "instruction"
+STAGE_GROUPS = {"pretrain": (IMAGE_TEXT,), "finetune": (INSTRUCTION,), "joint": (IMAGE_TEXT, INSTRUCTION)}
+STATE_FILE = "trainer_state.pt"
+METRICS_FILE = "metrics.jsonl"
+RECIPE_FILE = "recipe.toml"
+
+_GATE = re.compile(r"^llama\.layers\.(\d+)\.attention\.(gate|new_gate)$")
+
+
+# -- parameter groups --------------------------------------------------------------------------
+
+
+def group_of(name: str, a: AdapterConfig, n_layers: int) -> str:
+    """Which group trains adapter tensor `name`. `adapter_query.weight` of the paper variant is
+    split by rows (see prompt_rows); this returns the group of its late rows."""
+    if name.startswith(("clip_proj", "visual_")):
+        return IMAGE_TEXT
+    if name == "adapter_query.weight":
+        return IMAGE_TEXT if a.variant == "official" else INSTRUCTION
+    m = _GATE.match(name)
+    if m:
+        if a.variant == "official":  # the release's pretraining trains every gate
+            return IMAGE_TEXT
+        first = n_layers - a.prompt_layers
+        return IMAGE_TEXT if m[2] == "gate" and first <= int(m[1]) < first + a.fusion_layers else INSTRUCTION
+    return INSTRUCTION  # norms, bias, scale, LoRA
+
+
+def prompt_rows(a: AdapterConfig) -> dict[str, slice] | None:
+    """Paper variant: adapter_query rows of the visual (early) prompt layers train with the
+    image-text group, the rest with the instruction group."""
+    if a.variant == "official" or a.fusion_layers in (0, a.prompt_layers):
+        return None
+    k = a.fusion_layers * a.prompt_len
+    return {IMAGE_TEXT: slice(0, k), INSTRUCTION: slice(k, a.prompt_layers * a.prompt_len)}
+
+
+@dataclass
+class Groups:
+    """The stage's trainable tensors by group; `split` holds row-split tensors."""
+
+    names: dict[str, list[str]] = field(default_factory=dict)
+    split: dict[str, dict[str, slice]] = field(default_factory=dict)  # tensor -> group -> rows
+
+    def trainable(self) -> list[str]:
+        out: list[str] = []
+        for names in self.names.values():
+            out += [n for n in names if n not in out]
+        return out
+
+
+def make_groups(model: LlamaAdapterV2, stage: str) -> Groups:
+    a, n = model.adapter, model.config.n_layers
+    g = Groups({grp: [] for grp in STAGE_GROUPS[stage]})
+    rows = prompt_rows(a)
+    for name, _ in model.named_parameters():
+        if not is_adapter_param(name):
+            continue
+        if name == "adapter_query.weight" and rows is not None:
+            g.split[name] = {grp: rows[grp] for grp in STAGE_GROUPS[stage]}
+            for grp in STAGE_GROUPS[stage]:
+                g.names[grp].append(name)
+            continue
+        grp = group_of(name, a, n)
+        if grp in g.names:
+            g.names[grp].append(name)
+    return g
+
+
+# -- optimiser and schedule ----------------------------------------------------------------------
+
+
+def make_optimizer(params: dict[str, torch.nn.Parameter], lr: float, weight_decay: float, betas, fused: bool):
+    """AdamW; no decay for 1-D tensors and biases (as the release)."""
+    decay = [p for n, p in params.items() if p.dim() >= 2 and not n.endswith(".bias")]
+    no_decay = [p for n, p in params.items() if p.dim() < 2 or n.endswith(".bias")]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused or None)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup, then a half cosine down to min_ratio."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# -- distributed -------------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_hint: str) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    use_cuda = torch.cuda.is_available() and device_hint != "cpu"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    d = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    if use_cuda:
+        torch.cuda.set_device(d.local_rank)
+    return d
+
+
+def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+# -- images ------------------------------------------------------------------------------------
+
+
+def feature_cache(engine: Engine, paths: list[str], log: Callable[[str], None]) -> dict[str, torch.Tensor]:
+    """Encoder features for every image, computed once and cached on disk (fp16) under a key of
+    the encoder, the preprocessing and the images' paths, sizes and times."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    from lav2cli.formats.gguf import cache_root
+
+    paths = sorted(set(paths))
+    h = hashlib.sha256(json.dumps([engine.config.encoder, engine.config.preprocess.to_dict()]).encode())
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    f = cache_root() / "features" / f"{h.hexdigest()[:32]}.safetensors"
+    if f.is_file():
+        feats = load_file(str(f))["features"]
+        log(f"image features: {len(paths)} images from the cache {f}")
+    else:
+        feats = encode_all(engine, paths)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_name(f"{f.stem}.{os.getpid()}.tmp")  # written aside, renamed when complete
+        save_file({"features": feats.contiguous()}, str(tmp))
+        os.replace(tmp, f)
+        log(f"image features: {len(paths)} images encoded and cached in {f}")
+    return {p: feats[i] for i, p in enumerate(paths)}
+
+
+@torch.no_grad()
+def encode_all(engine: Engine, paths: list[str], batch: int = 64) -> torch.Tensor:
+    from rich.progress import Progress
+
+    out = []
+    with Progress(transient=True) as bar, ThreadPoolExecutor(4) as pool:
+        task = bar.add_task("encoding images", total=len(paths))
+        for i in range(0, len(paths), batch):
+            ims = list(pool.map(load_image, paths[i:i + batch]))
+            px = engine.image_tensor(ims)
+            out.append(engine.model.encode_images(px).to("cpu", torch.float16))
+            bar.advance(task, len(ims))
+    return torch.cat(out)
+
+
+# -- the trainer -------------------------------------------------------------------------------
+
+
+@dataclass
+class RunInfo:
+    out: Path
+    steps: int
+    final_loss: float
+    tokens_per_s: float
+    seconds: float
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, out: Path, resume: bool, log: Callable[[str], None], show_progress: bool = True):
+        self.recipe, self.out, self.log, self.show_progress = recipe, out, log, show_progress
+        r, t = recipe, recipe.train
+        self.dist = init_distributed(t.device)
+        torch.manual_seed(t.seed)
+        random.seed(t.seed)
+
+        # -- setup: model ----------------------------------------------------------------------
+        device = t.device if t.device != "auto" or self.dist.world == 1 else (
+            f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu")
+        from lav2cli.engine import classify_ref
+
+        kind, _ = classify_ref(r.model.ref)
+        if kind == "artifact":  # continue from an earlier stage: its adapter, its encoder
+            self.engine = load(r.model.ref, base=r.model.base or None, device=device, dtype="auto")
+            self.initial = set(artifact.load_tensors(Path(r.model.ref)))
+        else:
+            enc = r.encoder_spec()
+            enc_dim = _encoder_dim(enc)
+            self.engine = load(r.model.ref, device=device, dtype="auto", adapter=r.adapter_config(enc_dim), encoder=enc)
+            self.initial = set()
+        eng = self.engine
+        if eng.model.adapter is None:
+            raise Lav2Error(f"{r.model.ref}: nothing to train (no adapter)")
+        self.device = eng.device
+        self.model = eng.model.train()
+        cuda = self.device.type == "cuda"
+        self.bf16 = t.precision == "bf16" or (t.precision == "auto" and cuda)
+        self.model.llama.grad_checkpointing = t.grad_ckpt == "on" or (t.grad_ckpt == "auto" and cuda)
+        if t.compile:
+            for layer in self.model.llama.layers:
+                layer.compile()
+
+        # -- setup: groups and optimiser ---------------------------------------------------------
+        self.groups = make_groups(self.model, t.stage)
+        params = dict(self.model.named_parameters())
+        trainable = self.groups.trainable()
+        for n, p in params.items():
+            p.requires_grad_(n in trainable)
+        self.params = {n: params[n] for n in trainable}
+        self.global_batch = t.batch_size * t.grad_accum * self.dist.world
+        self.lr = t.base_lr * self.global_batch / 256
+        self.optimizer = make_optimizer(self.params, self.lr, t.weight_decay, t.betas, fused=cuda)
+
+        # -- setup: data -----------------------------------------------------------------------
+        tok, tpl = eng.tokenizer, eng.template
+        micro = t.batch_size * self.dist.world  # one global micro-batch; each rank takes its slice
+        self.streams: dict[str, Stream] = {}
+        for grp in STAGE_GROUPS[t.stage]:
+            path = getattr(r.data, grp)
+            ex = load_examples(path, tok, tpl, r.data.max_tokens)
+            self.streams[grp] = Stream(grp, ex, micro, t.seed + (0 if grp == IMAGE_TEXT else 1))
+        self.image_fn = self._image_fn()
+        per_epoch = sum(s.batches_per_epoch for s in self.streams.values()) // t.grad_accum
+        self.total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * per_epoch))
+        warm = t.warmup_steps if t.warmup_steps > 0 else round(t.warmup_epochs * per_epoch)
+        min_ratio = t.min_lr / self.lr if self.lr > 0 else 0.0
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, warm, self.total_steps, min_ratio))
+        self.step = 0
+        self.last_saved = -1
+        if resume:
+            self._restore()
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _image_fn(self) -> Callable[[str], torch.Tensor] | None:
+        eng = self.engine
+        if not eng.model.has_visual or eng.image_transform is None:
+            return None
+        paths = [e.image for s in self.streams.values() for e in s.examples if e.image]
+        if not paths:
+            return None
+        if self.recipe.data.feature_cache:
+            cache = feature_cache(eng, paths, self.log if self.dist.main else (lambda m: None))
+            return lambda p: cache[p].float()
+        transform = eng.image_transform
+        return lambda p: transform(load_image(p))
+
+    def pick_stream(self, step: int) -> str:
+        names = list(self.streams)
+        if len(names) == 1:
+            return names[0]
+        ratio = self.recipe.data.image_text_ratio
+        return IMAGE_TEXT if random.Random(f"{self.recipe.train.seed}:stream:{step}").random() < ratio else INSTRUCTION
+
+    def print_groups(self) -> list[tuple[str, int]]:
+        rows = []
+        for grp, names in self.groups.names.items():
+            n = 0
+            for name in names:
+                p = self.params[name]
+                sl = self.groups.split.get(name, {}).get(grp)
+                n += p[sl].numel() if sl is not None else p.numel()
+            rows.append((grp, n))
+        return rows
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def loss_sum(self, batch: Batch) -> tuple[torch.Tensor, int]:
+        """Summed cross-entropy over supervised tokens; only those rows of the hidden states go
+        through the vocabulary projection (memory-lean)."""
+        m = self.model
+        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        with ctx:
+            pkv = m.prompt_kv(batch.images, batch.image_mask, batch=batch.tokens.shape[0])
+            h = m.llama.hidden(batch.tokens, prompt_kv=pkv)
+            targets = batch.labels[:, 1:]
+            keep = targets != IGNORE_INDEX
+            logits = F.linear(h[:, :-1][keep], m.llama.head_weight())
+        return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        t, d = self.recipe.train, self.dist
+        grp = self.pick_stream(step)
+        stream = self.streams[grp]
+        micro = []
+        for _ in range(t.grad_accum):
+            examples = stream.next()
+            mine = examples[d.rank * t.batch_size:(d.rank + 1) * t.batch_size]
+            micro.append(collate(mine, self.engine.tokenizer.pad_id, self.image_fn))
+        n_tok = torch.tensor(float(sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in micro)))
+        total_tok = all_reduce_sum(n_tok.to(self.device), d).item()
+        loss_total = torch.zeros((), device=self.device)
+        for b in micro:
+            b = b.to(self.device, self.engine.dtype)
+            loss, _ = self.loss_sum(b)
+            (loss / total_tok).backward()
+            loss_total += loss.detach()
+        mine = set(self.groups.names[grp])
+        for n, p in self.params.items():
+            if n not in mine:
+                p.grad = None  # the other group does not move at all on this step
+        active = [p for n, p in self.params.items() if n in mine]
+        if d.world > 1:
+            for p in active:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        gnorm = torch.nn.utils.clip_grad_norm_(active, t.grad_clip) if t.grad_clip > 0 else torch.tensor(0.0)
+        kept = self._snapshot_other_rows(grp)
+        self.optimizer.step()
+        self._restore_rows(kept)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_mean = all_reduce_sum(loss_total, d).item() / max(total_tok, 1.0)
+        n_tokens = all_reduce_sum(torch.tensor(float(sum(b.tokens.numel() for b in micro)), device=self.device), d).item()
+        return {"step": step + 1, "stream": grp, "loss": loss_mean, "lr": self.scheduler.get_last_lr()[0],
+                "grad_norm": float(gnorm), "tokens": int(n_tokens), "supervised_tokens": int(total_tok)}
+
+    def _snapshot_other_rows(self, grp: str) -> list:
+        """Rows of a row-split tensor that belong to another group: keep value and AdamW state."""
+        kept = []
+        for name, by_group in self.groups.split.items():
+            p = self.params[name]
+            own = by_group.get(grp)
+            mask = torch.ones(p.shape[0], dtype=torch.bool, device=p.device)
+            if own is not None:
+                mask[own] = False
+            if not mask.any():
+                continue
+            state = self.optimizer.state.get(p, {})
+            saved = {k: v[mask].clone() for k, v in state.items() if torch.is_tensor(v) and v.shape == p.shape}
+            kept.append((p, mask, p.detach()[mask].clone(), saved))
+        return kept
+
+    def _restore_rows(self, kept: list) -> None:
+        with torch.no_grad():
+            for p, mask, value, saved in kept:
+                p[mask] = value
+                for k, v in saved.items():
+                    self.optimizer.state[p][k][mask] = v
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def tensors_to_save(self) -> dict[str, torch.Tensor]:
+        keep = set(self.params) | self.initial
+        return {n: p.detach() for n, p in self.model.named_parameters() if n in keep}
+
+    def save(self, complete: bool, summary: dict[str, Any]) -> None:
+        if not self.dist.main:
+            return
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "streams": {n: s.state() for n, s in self.streams.items()},
+            "total_steps": self.total_steps,
+        }
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        metrics = (self.out / METRICS_FILE).read_bytes() if (self.out / METRICS_FILE).exists() else b""
+        training = {**summary, "stage": self.recipe.train.stage, "step": self.step, "total_steps": self.total_steps,
+                    "complete": complete, "recipe": self.recipe.to_dict(),
+                    "data": {n: len(s.examples) for n, s in self.streams.items()},
+                    "groups": dict(self.print_groups())}
+        self.engine.save_adapter(self.out, training=training, tensors=self.tensors_to_save(),
+                                 extra_files={STATE_FILE: buf.getvalue(), METRICS_FILE: metrics,
+                                              RECIPE_FILE: self.recipe.render_toml().encode()})
+        self.last_saved = self.step
+
+    def _restore(self) -> None:
+        f = self.out / STATE_FILE
+        if not f.is_file():
+            raise Lav2Error(f"{self.out}: no {STATE_FILE} to resume from")
+        state = torch.load(f, map_location="cpu", weights_only=True)
+        saved = artifact.load_tensors(self.out)
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                if n in saved:
+                    p.copy_(saved[n])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        for n, s in state["streams"].items():
+            self.streams[n].restore(s)
+        self.step = int(state["step"])
+        self.last_saved = self.step
+        lines = (self.out / METRICS_FILE).read_text().splitlines() if (self.out / METRICS_FILE).exists() else []
+        keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
+        if self.dist.main:
+            (self.out / METRICS_FILE).write_text("".join(ln + "\n" for ln in keep))
+        self.log(f"resuming {self.out} at step {self.step} of {self.total_steps}")
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self, stop_after: int | None = None) -> RunInfo:
+        """Train to the end (or checkpoint and return after `stop_after` steps in total; the
+        schedule stays that of the full run, so --resume continues it exactly)."""
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        t = self.recipe.train
+        end = min(self.total_steps, stop_after) if stop_after else self.total_steps
+        start, t0, tokens, last = self.step, time.perf_counter(), 0, {}
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+                            disable=not (self.show_progress and self.dist.main), transient=False)
+        with progress:
+            task = progress.add_task(f"train {t.stage}", total=self.total_steps, completed=start, status="")
+            while self.step < end:
+                rec = self.train_step(self.step)
+                if not math.isfinite(rec["loss"]):
+                    where = (f"the last good checkpoint (step {self.last_saved}) is in {self.out}"
+                             if self.last_saved >= 0 else "no checkpoint was written")
+                    raise Lav2Error(f"step {rec['step']}: loss is {rec['loss']} ({rec['stream']} batch); stopped; {where}")
+                self.step += 1
+                tokens += rec["tokens"]
+                elapsed = time.perf_counter() - t0
+                rec["tokens_per_s"] = round(tokens / elapsed, 1) if elapsed > 0 else 0.0
+                last = rec
+                if self.dist.main and (self.step % max(1, t.log_every) == 0 or self.step == self.total_steps or self.step == start + 1):
+                    with open(self.out / METRICS_FILE, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                progress.update(task, completed=self.step,
+                                status=f"loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  {rec['tokens_per_s']:.0f} tok/s")
+                if t.checkpoint_every > 0 and self.step % t.checkpoint_every == 0 and self.step < self.total_steps:
+                    self.save(False, self._summary(last, tokens, t0))
+        self.save(self.step >= self.total_steps, self._summary(last, tokens, t0))
+        if self.dist.world > 1:
+            dist.barrier()
+        return RunInfo(self.out, self.step, last.get("loss", float("nan")), last.get("tokens_per_s", 0.0),
+                       time.perf_counter() - t0)
+
+    def _summary(self, last: dict, tokens: int, t0: float) -> dict[str, Any]:
+        return {"final_loss": last.get("loss"), "tokens_per_s": last.get("tokens_per_s"),
+                "seconds": round(time.perf_counter() - t0, 2), "device": str(self.device),
+                "world_size": self.dist.world, "global_batch": self.global_batch, "lr": self.lr}
+
+
+def _encoder_dim(spec: dict[str, Any] | None) -> int | None:
+    if spec is None:
+        return None
+    from lav2cli.model.vision import build_encoder
+
+    return build_encoder(spec).out_dim
+
+
+def prepare_out(out: Path, resume: bool, force: bool) -> None:
+    if resume:
+        if not (out / STATE_FILE).is_file():
+            raise Lav2Error(f"--resume: {out} holds no training checkpoint ({STATE_FILE})")
+        return
+    if out.exists() and any(out.iterdir()) and not force:
+        raise Lav2Error(f"{out} exists and is not empty: pass --resume to continue it or --force to start over")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (METRICS_FILE,):
+        (out / name).unlink(missing_ok=True)
+
+
+def resolve(recipe_path: str | None, overrides: list[str], out: Path, resume: bool) -> Recipe:
+    """The recipe to run: the file plus --set overrides, or on --resume the run's saved recipe."""
+    if resume and (out / RECIPE_FILE).is_file():
+        return load_recipe(out / RECIPE_FILE, overrides)
+    if recipe_path is None:
+        raise Lav2Error("--recipe is required (or --resume with a run directory)")
+    return load_recipe(recipe_path, overrides)
