@@ -13,7 +13,8 @@ accounted for (a missing base tensor, a file tensor with no place, a shape misma
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -136,6 +137,9 @@ def _fresh_(name: str, module: nn.Module, pname: str, shape: torch.Size) -> torc
     raise AssertionError(f"no initial value rule for {name}")
 
 
+_BASE_BIAS = re.compile(r"^layers\.\d+\.(?:attention|feed_forward)\.(w[qkvo123])\.bias$")
+
+
 def assemble(cfg: LlamaConfig, adapter: AdapterConfig | None, base: BaseWeights,
              adapter_sd: dict[str, torch.Tensor] | None, adapter_file: Path | None,
              encoder: nn.Module | None, device: torch.device, dtype: torch.dtype,
@@ -146,6 +150,9 @@ def assemble(cfg: LlamaConfig, adapter: AdapterConfig | None, base: BaseWeights,
     With strict_adapter, every adapter tensor must come from `adapter_sd`; otherwise the
     missing ones start at their identity-preserving initial values.
     """
+    biased = sorted({m.group(1) for k in base.state_dict if (m := _BASE_BIAS.match(k))})
+    if biased != sorted(cfg.linear_bias):  # a merged base (lav2 merge) carries plain linear biases
+        cfg = replace(cfg, linear_bias=biased)
     with torch.device("meta"):
         model = LlamaAdapterV2(cfg, adapter)
     expected = {n: p.shape for n, p in model.named_parameters()}
@@ -156,7 +163,8 @@ def assemble(cfg: LlamaConfig, adapter: AdapterConfig | None, base: BaseWeights,
             raise Lav2Error(f"{base.source}: tensor {k} has no place in the model")
         if tuple(t.shape) != tuple(expected[name]):
             raise Lav2Error(f"{base.source}: tensor {k} has shape {tuple(t.shape)}, the model needs {tuple(expected[name])}")
-        filled[name] = t.to(dtype if not is_adapter_param(name) else torch.float32)
+        plain = not is_adapter_param(name) or (adapter is None and name.endswith(".bias"))  # nn.Linear's bias
+        filled[name] = t.to(dtype if plain else torch.float32)
     missing_base = [n for n in expected if not is_adapter_param(n) and n not in filled]
     if missing_base:
         raise Lav2Error(f"{base.source}: base tensor {missing_base[0].removeprefix('llama.')} is missing"
@@ -285,7 +293,12 @@ def load(ref: str, *, base: str | None = None, clip: str | None = None,
         base_ref = base or meta.get("base", {}).get("ref")
         if not base_ref:
             raise Lav2Error(f"{path / artifact.META}: no base model recorded; pass --base")
-        bw = load_base_ref(base_ref)
+        if meta.get("merged") and not base:  # `lav2 merge` output: the folded base lives beside it
+            from lav2cli.merge import load_folded_base
+
+            bw, base_ref = load_folded_base(path, meta), str(path)
+        else:
+            bw = load_base_ref(base_ref)
         _check_base_matches(meta, bw.config, path, base_ref)
         adapter_cfg = AdapterConfig.from_dict(meta["adapter"]) if meta.get("adapter") else None
         adapter_sd = artifact.load_tensors(path)
@@ -326,7 +339,7 @@ def load(ref: str, *, base: str | None = None, clip: str | None = None,
 
     model = assemble(bw.config, adapter_cfg, bw, adapter_sd, files[-1] if adapter_sd is not None else None,
                      encoder, dev, dt, strict_adapter=strict)
-    cfg = EngineConfig(ref=str(ref), kind=kind, llama=bw.config, adapter=model.adapter, template=template,
+    cfg = EngineConfig(ref=str(ref), kind=kind, llama=model.config, adapter=model.adapter, template=template,
                        base_ref=base_ref, base_format=bw.format, encoder=enc_spec if encoder else None,
                        preprocess=preprocess if encoder else None, files=files, meta=meta)
     transform = preprocess.transform() if (preprocess is not None and encoder is not None) else None

@@ -60,9 +60,9 @@ class AdaptedLinear(nn.Module):
 class _Adapted:
     """Shared by attention and feed-forward: adapted linears plus sibling LoRA pairs."""
 
-    def _adapt(self, names_shapes: dict[str, tuple[int, int]], a: AdapterConfig) -> None:
+    def _adapt(self, names_shapes: dict[str, tuple[int, int]], a: AdapterConfig, base_bias=()) -> None:
         for name, (fan_in, fan_out) in names_shapes.items():
-            setattr(self, name, AdaptedLinear(fan_in, fan_out, a.biased(name), bool(a.scale)))
+            setattr(self, name, AdaptedLinear(fan_in, fan_out, a.biased(name) or name in base_bias, bool(a.scale)))
             if a.lora_rank:
                 l1 = nn.Linear(fan_in, a.lora_rank, bias=False)
                 l2 = nn.Linear(a.lora_rank, fan_out, bias=False)
@@ -85,16 +85,29 @@ class AdaptedAttention(_Adapted, Attention):
         hd, d = config.head_dim, config.dim
         self._adapt(
             {"wq": (d, self.n_heads * hd), "wk": (d, self.n_kv_heads * hd),
-             "wv": (d, self.n_kv_heads * hd), "wo": (self.n_heads * hd, d)}, a)
+             "wv": (d, self.n_kv_heads * hd), "wo": (self.n_heads * hd, d)}, a, config.linear_bias)
         self.gate = nn.Parameter(torch.zeros(1, self.n_heads, 1, 1))
         self.new_gate = nn.Parameter(torch.ones(1, 1, 1, 1)) if a.new_gate else None
+        self.prompt_lora = bool(a.prompt_lora_rank) and layer_id >= config.n_layers - a.prompt_layers
+        if self.prompt_lora:  # prompt-only LoRA on wk/wv (left by `lav2 merge`), l2 init 0
+            for name, fan_out in (("wk", self.n_kv_heads * hd), ("wv", self.n_kv_heads * hd)):
+                setattr(self, f"prompt_lora_{name}_l1", nn.Linear(d, a.prompt_lora_rank, bias=False))
+                setattr(self, f"prompt_lora_{name}_l2", nn.Linear(a.prompt_lora_rank, fan_out, bias=False))
+                nn.init.zeros_(getattr(self, f"prompt_lora_{name}_l2").weight)
+
+    def _prompt_proj(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if not self.prompt_lora:
+            return self.proj(name, x, lora=False)
+        l1, l2 = getattr(self, f"prompt_lora_{name}_l1"), getattr(self, f"prompt_lora_{name}_l2")
+        return getattr(self, name)(x, F.linear(F.linear(x, l1.weight.to(x.dtype)), l2.weight.to(x.dtype)))
 
     def prompt_kv(self, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of an adaption prompt [B, K, dim]: the layer's own wk/wv (with bias and
-        scale, never LoRA), no RoPE. Computed once per request at inference."""
+        scale, never the token path's LoRA; with the prompt-only LoRA where present), no RoPE.
+        Computed once per request at inference."""
         B, K, _ = prompt.shape
-        kp = self.proj("wk", prompt, lora=False).view(B, K, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        vp = self.proj("wv", prompt, lora=False).view(B, K, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        kp = self._prompt_proj("wk", prompt).view(B, K, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        vp = self._prompt_proj("wv", prompt).view(B, K, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return kp, vp
 
     def prompt_attention(self, q, y, prompt_kv):
@@ -115,7 +128,7 @@ class AdaptedFeedForward(_Adapted, FeedForward):
     def __init__(self, config: LlamaConfig, layer_id: int, a: AdapterConfig):
         super().__init__(config, layer_id)
         d, h = config.dim, config.hidden_dim
-        self._adapt({"w1": (d, h), "w2": (h, d), "w3": (d, h)}, a)
+        self._adapt({"w1": (d, h), "w2": (h, d), "w3": (d, h)}, a, config.linear_bias)
 
 
 class LlamaAdapterV2(nn.Module):
@@ -200,6 +213,8 @@ class LlamaAdapterV2(nn.Module):
         if a is None:
             return None
         n, L, K = self.config.n_layers, a.prompt_layers, a.prompt_len
+        if L == 0:  # bias/scale/norm-only adapter
+            return None
         if images is None and a.text_only_zero_image and self.has_visual and getattr(self, "clip", None) is not None:
             images = self._zero_images(batch)
         vis = self.visual_tokens(images, image_mask) if images is not None and self.has_visual else None

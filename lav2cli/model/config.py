@@ -20,6 +20,9 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = False  # output head shares tok_embeddings (SmolLM2)
     max_seq_len: int = 2048
+    # linears (wq, wk, wv, wo, w1, w2, w3) that carry a plain bias in every layer: a base written
+    # by `lav2 merge` with folded adapter biases; the engine sets it from the base's tensors
+    linear_bias: list[str] = field(default_factory=list)
 
     @property
     def head_dim(self) -> int:
@@ -63,6 +66,9 @@ class AdapterConfig:
     fusion_layers: int | None = None  # prompt layers that receive visual tokens; None = variant default
     visual: VisualConfig | None = field(default_factory=VisualConfig)
     text_only_zero_image: bool = False  # official code feeds an all-zero image for text-only requests
+    # rank of LoRA pairs on wk/wv of the prompt layers that act on the adaption prompt only: what
+    # `lav2 merge` leaves when LoRA is folded into wk/wv (the prompt path never saw LoRA)
+    prompt_lora_rank: int = 0
 
     def resolved(self, n_layers: int) -> "AdapterConfig":
         """A copy with every None default made explicit for a model of n_layers."""

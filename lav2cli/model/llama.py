@@ -70,10 +70,11 @@ class Attention(nn.Module):
         self.layer_id = layer_id
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         dim, hd = config.dim, config.head_dim
-        self.wq = nn.Linear(dim, self.n_heads * hd, bias=False)
-        self.wk = nn.Linear(dim, self.n_kv_heads * hd, bias=False)
-        self.wv = nn.Linear(dim, self.n_kv_heads * hd, bias=False)
-        self.wo = nn.Linear(self.n_heads * hd, dim, bias=False)
+        b = config.linear_bias
+        self.wq = nn.Linear(dim, self.n_heads * hd, bias="wq" in b)
+        self.wk = nn.Linear(dim, self.n_kv_heads * hd, bias="wk" in b)
+        self.wv = nn.Linear(dim, self.n_kv_heads * hd, bias="wv" in b)
+        self.wo = nn.Linear(self.n_heads * hd, dim, bias="wo" in b)
         self.kv_cache: KVCache | None = None
 
     def proj(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -100,9 +101,10 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, config: LlamaConfig, layer_id: int):
         super().__init__()
-        self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=False)
-        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)
-        self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        b = config.linear_bias
+        self.w1 = nn.Linear(config.dim, config.hidden_dim, bias="w1" in b)
+        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias="w2" in b)
+        self.w3 = nn.Linear(config.dim, config.hidden_dim, bias="w3" in b)
 
     def proj(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return getattr(self, name)(x)

@@ -1,0 +1,406 @@
+"""`lav2 merge`: fold an adapter's bias, scale, LoRA and norms into plain LLaMA weights.
+
+For every adapted linear `y = s * ((W + B A) x + b)` (LoRA `lora_<name>_l1` = A, in -> r, and
+`_l2` = B, r -> out) the merged linear is `W' = diag(s) (W + B A)`, `b' = s * b` (official
+variant: no scale); the trained norms replace the base's. All of it in float32, then one cast
+to the output dtype.
+
+What cannot fold stays a small lav2 artifact (the "sidecar": lav2.json + adapter.safetensors)
+in the same directory: the adaption prompts, the gates (and new_gate), the visual branch, and,
+when LoRA was folded into wk/wv of prompt layers, a prompt-only LoRA pair that gives the prompt
+keys/values back the projection without LoRA (the prompt path never saw LoRA; spec 2.2). Its
+adapter config has bias, scale and LoRA off, so inference runs plain `F.linear(x, W, b)`.
+
+Output layouts (`--format`):
+  lav2  llama.safetensors (Meta names, `.bias` for biased linears) + tokenizer + lav2.json
+        (+ adapter.safetensors); `engine.load(DIR)` / `lav2 ask --model DIR` use it directly.
+  hf    a Hugging Face Llama checkpoint (transformers' LlamaForCausalLM loads it), plus the
+        sidecar when something did not fold.
+  meta  consolidated.00.pth + params.json + tokenizer.model (`.bias` names), plus the sidecar
+        when something did not fold (or when the tokenizer is BPE: tokenizer.json, which
+        Meta's layout has no place for).
+The directory is written atomically, and, unless verify=False, loaded back and compared with
+the unmerged model on a few probe prompts (and an image, when there is a visual branch).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from lav2cli import __version__
+from lav2cli.errors import Lav2Error
+
+FORMATS = ("lav2", "hf", "meta")
+FOLDED = "llama.safetensors"  # the lav2 layout's folded base (Meta names)
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+LINEARS = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
+           "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward"}
+PROBES = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "What is the capital of France?",
+    "1 2 3 4 5 6 7 8 9 10",
+)
+# adapter tensors that fold into the plain weights (everything else of the adapter stays outside)
+_FOLDS = re.compile(
+    r"^llama\.(norm\.weight|layers\.\d+\.((attention|feed_forward)\.(w[qkvo123]\.(bias|scale)|(prompt_)?lora_\w+\.weight)"
+    r"|attention_norm\.weight|ffn_norm\.weight))$"
+)
+
+
+@dataclass
+class MergeResult:
+    out: str
+    format: str
+    dtype: str
+    folded: list[str]
+    kept: list[str]  # what stays in the sidecar (empty: plain weights only)
+    sidecar_params: int
+    max_logit_diff: float | None = None
+    probes: int = 0
+    with_image: bool = False
+    files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- folding ------------------------------------------------------------------------------------
+
+
+def fold(model) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The folded base of an adapted `LlamaAdapterV2` (Meta names, float32, on the model's
+    device) and the list of what was folded in (for the report)."""
+    llama = model.llama
+    a = model.adapter
+    sd: dict[str, torch.Tensor] = {"tok_embeddings.weight": llama.tok_embeddings.weight.detach().float()}
+    if not model.config.tie_embeddings:
+        sd["output.weight"] = llama.output.weight.detach().float()
+    sd["norm.weight"] = llama.norm.weight.detach().float()
+    kinds: set[str] = set()
+    for i, layer in enumerate(llama.layers):
+        sd[f"layers.{i}.attention_norm.weight"] = layer.attention_norm.weight.detach().float()
+        sd[f"layers.{i}.ffn_norm.weight"] = layer.ffn_norm.weight.detach().float()
+        for name, mod in LINEARS.items():
+            parent = getattr(layer, mod)
+            lin = getattr(parent, name)
+            w = lin.weight.detach().float()
+            b = lin.bias.detach().float() if lin.bias is not None else None
+            s = getattr(lin, "scale", None)
+            if getattr(parent, "lora_rank", 0):
+                l1 = getattr(parent, f"lora_{name}_l1").weight.detach().float()
+                l2 = getattr(parent, f"lora_{name}_l2").weight.detach().float()
+                w = w + l2 @ l1
+                kinds.add("LoRA")
+            if s is not None:
+                s = s.detach().float()
+                w = s[:, None] * w
+                b = s * b if b is not None else None
+                kinds.add("scale")
+            sd[f"layers.{i}.{mod}.{name}.weight"] = w
+            if b is not None:
+                sd[f"layers.{i}.{mod}.{name}.bias"] = b
+                if a is not None and a.biased(name):
+                    kinds.add("bias")
+    if a is not None:
+        kinds.add("norms")
+    order = ["bias", "scale", "LoRA", "norms"]
+    return sd, [k for k in order if k in kinds]
+
+
+def _prompts_active(model) -> bool:
+    a = model.adapter
+    if a is None or a.prompt_layers == 0:
+        return False
+    n = model.config.n_layers
+    return any(bool(model.llama.layers[i].attention.gate.detach().abs().sum() > 0)
+               for i in range(n - a.prompt_layers, n))
+
+
+def sidecar(model) -> tuple[Any, dict[str, torch.Tensor], list[str]]:
+    """(adapter config, tensors, description) of what does not fold; (None, {}, []) when the
+    adapter is only bias, scale, LoRA and norms (or its prompts are inert: every gate 0)."""
+    a = model.adapter
+    if not _prompts_active(model):
+        return None, {}, []
+    n, L = model.config.n_layers, a.prompt_layers
+    tensors = {k: v.float() for k, v in model.adapter_state_dict().items() if not _FOLDS.match(k)}
+    # the prompt path used wk/wv without LoRA: keep -diag(s) B (and any earlier prompt-only pair)
+    ranks = []
+    for i in range(n - L, n):
+        att = model.llama.layers[i].attention
+        for name in ("wk", "wv"):
+            l1s, l2s = [], []
+            s = getattr(att, name).scale
+            s = s.detach().float()[:, None] if s is not None else 1.0
+            if getattr(att, "prompt_lora", False):
+                l1s.append(getattr(att, f"prompt_lora_{name}_l1").weight.detach().float())
+                l2s.append(s * getattr(att, f"prompt_lora_{name}_l2").weight.detach().float())
+            if att.lora_rank:
+                l1s.append(getattr(att, f"lora_{name}_l1").weight.detach().float())
+                l2s.append(-s * getattr(att, f"lora_{name}_l2").weight.detach().float())
+            if l1s:
+                p = f"llama.layers.{i}.attention.prompt_lora_{name}"
+                tensors[f"{p}_l1.weight"] = torch.cat(l1s, 0)
+                tensors[f"{p}_l2.weight"] = torch.cat(l2s, 1)
+                ranks.append(tensors[f"{p}_l1.weight"].shape[0])
+    cfg = replace(a, bias=False, scale=False, lora_rank=0, new_gate=bool(a.new_gate),
+                  prompt_lora_rank=ranks[0] if ranks else 0)
+    kept = [f"adaption prompts ({L} layer{'s' if L != 1 else ''} x {a.prompt_len})", "gates"]
+    if a.new_gate:
+        kept[-1] = "gates and new_gate"
+    if model.has_visual and a.fusion_layers > 0:
+        kept.append("visual branch")
+    if ranks:
+        kept.append(f"prompt-only LoRA on wk/wv (rank {ranks[0]})")
+    return cfg, tensors, kept
+
+
+# -- reading a merged directory back -----------------------------------------------------------
+
+
+def load_folded_base(path: str | Path, meta: dict[str, Any]):
+    """The folded base of a merged directory (what engine.load uses for a lav2.json with a
+    `merged` entry): the lav2, hf or meta layout beside the sidecar."""
+    from lav2cli.formats import BaseWeights, hf
+    from lav2cli.formats import meta as meta_fmt
+    from lav2cli.formats.base import check_state_dict
+    from lav2cli.model.config import LlamaConfig
+    from lav2cli.tokenizer import load_tokenizer, tokenizer_uses_chatml
+
+    path = Path(path)
+    fmt = (meta.get("merged") or {}).get("format", "lav2")
+    if fmt == "hf":
+        return hf.load(path)
+    if fmt == "meta" and (path / "tokenizer.model").is_file():
+        return meta_fmt.load(path)
+    if fmt not in ("lav2", "meta"):
+        raise Lav2Error(f"{path / 'lav2.json'}: unknown merged format {fmt!r}")
+    try:
+        cfg = LlamaConfig.from_dict(meta["base"]["config"])
+    except (KeyError, TypeError) as e:
+        raise Lav2Error(f"{path / 'lav2.json'}: no usable base.config ({e})") from None
+    if fmt == "lav2":
+        from safetensors.torch import load_file
+
+        f = path / FOLDED
+        if not f.is_file():
+            raise Lav2Error(f"{f}: missing")
+        try:
+            sd = load_file(str(f))
+        except Exception as e:
+            raise Lav2Error(f"{f}: unreadable safetensors ({str(e).splitlines()[0]})") from None
+    else:  # meta layout with a BPE tokenizer (tokenizer.json), which meta.load does not read
+        f = path / "consolidated.00.pth"
+        try:
+            sd = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise Lav2Error(f"{f}: cannot read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        cfg = replace(cfg, tie_embeddings=False)  # Meta checkpoints store output.weight
+    check_state_dict(sd, cfg, f)
+    tok = load_tokenizer(path)
+    template = meta.get("template") or ("chatml" if tokenizer_uses_chatml(tok) else "alpaca")
+    tok_files = [p for p in (path / "tokenizer.model", path / "tokenizer.json") if p.is_file()]
+    return BaseWeights(config=cfg, state_dict=sd, tokenizer=tok, template=template, source=path,
+                       format=f"merged-{fmt}", files=[f, *tok_files])
+
+
+# -- the command --------------------------------------------------------------------------------
+
+
+def _stored_dtype(files: list[Path]) -> torch.dtype:
+    """The dtype the base weights were stored in (float32 when it cannot be told cheaply)."""
+    for f in files:
+        try:
+            if f.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(f), "pt") as h:
+                    for k in h.keys():
+                        return {"BF16": torch.bfloat16, "F16": torch.float16}.get(h.get_slice(k).get_dtype(), torch.float32)
+            if f.suffix == ".pth" and f.name.startswith("consolidated."):
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                t = sd.get("tok_embeddings.weight")
+                if t is not None:
+                    return t.dtype if t.dtype in (torch.bfloat16, torch.float16) else torch.float32
+        except Exception:
+            pass
+    return torch.float32
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dt]
+
+
+def _probe_image():
+    """A fixed, deterministic RGB test image (gradients and a disc)."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:224, 0:224].astype(np.float32) / 223.0
+    disc = ((x - 0.6) ** 2 + (y - 0.4) ** 2 < 0.05).astype(np.float32)
+    rgb = np.stack([x, y, 0.5 * (1 - x) + 0.5 * disc], -1)
+    return Image.fromarray((rgb * 255).astype(np.uint8), "RGB")
+
+
+def _probe_tokens(tokenizer, vocab: int) -> list[torch.Tensor]:
+    out = []
+    for text in PROBES:
+        ids = [i for i in tokenizer.encode(text, bos=True) if 0 <= i < vocab][:64]
+        if ids:
+            out.append(torch.tensor([ids]))
+    return out
+
+
+def _logits(eng, probes, image) -> list[torch.Tensor]:
+    res = [eng.logits(t).cpu() for t in probes]
+    if image is not None:
+        res += [eng.logits(t, image).cpu() for t in probes]
+    return res
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        if out.is_file() or any(out.iterdir()):
+            raise Lav2Error(f"--out {out}: exists and is not empty (pass --force to replace it)")
+
+
+def merge(ref: str, out: str | Path, *, format: str = "lav2", dtype: str = "auto", base: str | None = None,
+          clip: str | None = None, device: str = "auto", force: bool = False, verify: bool = True,
+          log: Callable[[str], None] = lambda m: None) -> MergeResult:
+    """Fold the adapter at `ref` into plain weights at `out` (see the module docstring)."""
+    from safetensors.torch import save_file
+
+    from lav2cli import engine
+    from lav2cli.fileio import atomic_dir
+    from lav2cli.formats import artifact, hf
+    from lav2cli.formats import meta as meta_fmt
+    from lav2cli.tokenizer import SentencePieceTokenizer
+
+    if format not in FORMATS:
+        raise Lav2Error(f"unknown --format {format!r} (expected {', '.join(FORMATS)})")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise Lav2Error(f"unknown --dtype {dtype!r} (expected auto, fp32, bf16 or fp16)")
+    out = Path(out).expanduser()
+    _check_out(out, force)
+    kind, path = engine.classify_ref(str(ref))
+    if kind == "base":
+        raise Lav2Error(f"{ref}: a base model, not an adapter: nothing to merge "
+                        f"(expected a lav2 artifact directory or an official LLaMA-Adapter .pth)")
+    if path is not None and out.resolve() in (path.resolve(), *path.resolve().parents):
+        raise Lav2Error(f"--out {out}: would replace the adapter being merged; choose another folder")
+
+    log(f"loading {ref} (float32) ...")
+    eng = engine.load(str(ref), base=base, clip=clip, device=device, dtype="float32")
+    model, c = eng.model, eng.config
+    if c.adapter is None:
+        raise Lav2Error(f"{ref}: has no adapter: nothing to merge")
+    n_adapter_files = 2 if kind == "artifact" else 1
+    out_dt = DTYPES[dtype] if dtype != "auto" else _stored_dtype(c.files[: len(c.files) - n_adapter_files])
+
+    probes = image = None
+    ref_logits: list[torch.Tensor] = []
+    if verify:
+        probes = _probe_tokens(eng.tokenizer, c.llama.vocab_size)
+        if model.has_visual and eng.image_transform is not None and _prompts_active(model):
+            image = eng.image_tensor([_probe_image()])
+        log(f"reference logits on {len(probes)} probe prompt(s){' with and without an image' if image is not None else ''} ...")
+        ref_logits = _logits(eng, probes, image)
+
+    log("folding in float32 ...")
+    folded, fold_kinds = fold(model)
+    side_cfg, side_sd, kept = sidecar(model)
+    folded = {k: v.to(out_dt).cpu().contiguous() for k, v in folded.items()}
+    biased = sorted({k.split(".")[3] for k in folded if k.endswith(".bias")})
+    llama_cfg = replace(c.llama, linear_bias=biased)
+    tokenizer = eng.tokenizer
+    spm = isinstance(tokenizer, SentencePieceTokenizer)
+    write_meta = format == "lav2" or bool(kept) or (format == "meta" and not spm)
+    enc, pre = (c.encoder, c.preprocess) if side_cfg is not None and side_cfg.visual is not None else (None, None)
+    del model
+    eng.model = None  # free the unmerged weights before the merged ones are loaded back
+
+    result = MergeResult(out=str(out), format=format, dtype=_dtype_name(out_dt), folded=fold_kinds, kept=kept,
+                         sidecar_params=sum(t.numel() for t in side_sd.values()))
+    log(f"writing {format} layout ({result.dtype}) ...")
+    with atomic_dir(out) as tmp:
+        plain_cfg = replace(c.llama, linear_bias=[])
+        if format == "lav2":
+            save_file(folded, str(tmp / FOLDED), metadata={"format": "pt", "layout": "meta"})
+            hf._save_tokenizer(tmp, tokenizer)
+        elif format == "hf":
+            hf.save(tmp, plain_cfg, folded, tokenizer=tokenizer)
+        else:
+            meta_fmt.save(tmp, plain_cfg, folded, tokenizer_model_path=tokenizer.path if spm else None)
+            if not spm:
+                tokenizer.save(tmp)
+        meta: dict[str, Any] = {}
+        if write_meta:
+            save_file({k: v.contiguous().cpu() for k, v in side_sd.items()}, str(tmp / artifact.WEIGHTS))
+            meta = {
+                "format": artifact.FORMAT, "format_version": artifact.FORMAT_VERSION, "lav2_version": __version__,
+                "variant": side_cfg.variant if side_cfg else None,
+                "adapter": side_cfg.to_dict() if side_cfg else None,
+                "base": {"ref": ".", "format": f"merged-{format}", "config": llama_cfg.to_dict()},
+                "encoder": enc,
+                "preprocess": pre.to_dict() if pre else None,
+                "template": c.template,
+                "training": c.meta.get("training"),
+                "merged": {"from": str(ref), "format": format, "dtype": result.dtype, "folded": fold_kinds,
+                           "kept": kept, "adapter": c.adapter.to_dict()},
+            }
+            (tmp / artifact.META).write_text(json.dumps(meta, indent=2) + "\n")
+        if verify:
+            log("verifying: loading the merged directory back ...")
+            merged = engine.load(str(tmp), device=device, dtype="float32")
+            m = merged.model
+            if m.adapter is not None:  # nothing but plain linears left on the token path
+                assert not m.adapter.bias and not m.adapter.scale and not m.adapter.lora_rank
+            new_logits = _logits(merged, probes, image)
+            diff = max((float((a - b).abs().max()) for a, b in zip(ref_logits, new_logits)), default=0.0)
+            scale_ = max((float(a.abs().max()) for a in ref_logits), default=1.0)
+            result.max_logit_diff, result.probes, result.with_image = diff, len(probes), image is not None
+            del merged, m
+            if not diff == diff or (out_dt == torch.float32 and diff > 1e-3 * max(1.0, scale_)):
+                raise Lav2Error(f"merged model differs from {ref}: max logit difference {diff:.3g} "
+                                f"(nothing written; please report this)")
+            if write_meta:
+                meta["merged"]["max_logit_diff"] = diff
+                (tmp / artifact.META).write_text(json.dumps(meta, indent=2) + "\n")
+        result.files = sorted(p.name for p in tmp.iterdir())
+    return result
+
+
+def main(ref: str, out: Path, format: str, dtype: str, base: str | None, clip: str | None, device: str,
+         force: bool, verify: bool, as_json: bool) -> None:
+    """`lav2 merge` behind the CLI: progress on stderr, the result on stdout."""
+    from rich.console import Console
+
+    err = Console(stderr=True, highlight=False)
+
+    def log(msg: str) -> None:
+        err.print(msg, markup=False, soft_wrap=True)
+
+    r = merge(ref, out, format=format, dtype=dtype, base=base, clip=clip, device=device, force=force,
+              verify=verify, log=log)
+    log(f"folded: {', '.join(r.folded) or 'nothing'}")
+    if r.kept:
+        log(f"kept outside the plain weights ({r.sidecar_params:,} parameters in lav2.json + adapter.safetensors): "
+            + "; ".join(r.kept)
+            + ("; transformers and other plain LLaMA loaders ignore these" if r.format != "lav2" else ""))
+    else:
+        log("nothing stays outside: the directory holds plain LLaMA weights"
+            + (" (with biases)" if any(k == "bias" for k in r.folded) else ""))
+    if r.max_logit_diff is not None:
+        log(f"verified: max |logit difference| merged vs unmerged {r.max_logit_diff:.3g} "
+            f"on {r.probes} probe prompt(s){' (text and image)' if r.with_image else ''}, {r.dtype}")
+    if as_json:
+        print(json.dumps(r.to_dict()))
+    else:
+        print(r.out)
