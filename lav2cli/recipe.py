@@ -73,7 +73,6 @@ class TrainSection:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"
-    fsdp: bool = False
 
 
 @dataclass

@@ -275,6 +275,7 @@ class Trainer:
             ex = load_examples(path, tok, tpl, r.data.max_tokens)
             self.streams[grp] = Stream(grp, ex, micro, t.seed + (0 if grp == IMAGE_TEXT else 1))
         self.image_fn = self._image_fn()
+        self.pool = ThreadPoolExecutor(max(1, r.data.workers))  # decodes a batch's images in parallel
         per_epoch = sum(s.batches_per_epoch for s in self.streams.values()) // t.grad_accum
         self.total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * per_epoch))
         warm = t.warmup_steps if t.warmup_steps > 0 else round(t.warmup_epochs * per_epoch)
@@ -342,7 +343,7 @@ class Trainer:
         for _ in range(t.grad_accum):
             examples = stream.next()
             mine = examples[d.rank * t.batch_size:(d.rank + 1) * t.batch_size]
-            micro.append(collate(mine, self.engine.tokenizer.pad_id, self.image_fn))
+            micro.append(collate(mine, self.engine.tokenizer.pad_id, self.image_fn, self.pool.map))
         n_tok = torch.tensor(float(sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in micro)))
         total_tok = all_reduce_sum(n_tok.to(self.device), d).item()
         loss_total = torch.zeros((), device=self.device)

@@ -100,8 +100,10 @@ class Batch:
                      None if self.image_mask is None else self.image_mask.to(device, non_blocking=True))
 
 
-def collate(examples: list[Example], pad_id: int, image_fn: Callable[[str], torch.Tensor] | None) -> Batch:
-    """Right-pad to the longest example; images through image_fn (path -> tensor)."""
+def collate(examples: list[Example], pad_id: int, image_fn: Callable[[str], torch.Tensor] | None,
+            map_fn: Callable = map) -> Batch:
+    """Right-pad to the longest example; images through image_fn (path -> tensor), mapped with
+    map_fn (a thread pool's map loads them in parallel)."""
     T = max(len(e.ids) for e in examples)
     tokens = torch.full((len(examples), T), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
@@ -110,7 +112,7 @@ def collate(examples: list[Example], pad_id: int, image_fn: Callable[[str], torc
         labels[i, : len(e.labels)] = torch.tensor(e.labels)
     images = mask = None
     if image_fn is not None and any(e.image for e in examples):
-        present = [image_fn(e.image) for e in examples if e.image]
+        present = list(map_fn(image_fn, [e.image for e in examples if e.image]))
         zero = torch.zeros_like(present[0])
         it = iter(present)
         images = torch.stack([next(it) if e.image else zero for e in examples])
