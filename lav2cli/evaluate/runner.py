@@ -1,0 +1,391 @@
+"""`lav2 eval TASK`: select units from the records, generate (or score) their predictions in
+batches, write them as JSON lines as they come, score them and report.
+
+Predictions file (``--out FILE.jsonl``): one JSON object per unit, appended and flushed as each
+batch finishes::
+
+    {"id": "easyvqa-test-q3", "image": "...", "prompt": "...", "prediction": "circle",
+     "reference": "circle", "score": 1.0, "correct": true, "model": "runs/joint"}
+
+A rerun with the same ``--out`` resumes: units already in the file are not generated again.
+The file must belong to the records (every id one of theirs) and to the same ``--model``;
+otherwise the run stops with one line. Metrics go to ``FILE.metrics.json`` beside it (written
+atomically) and to stdout (a table, or one JSON object with ``--json``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from lav2cli.data.records import read_records
+from lav2cli.errors import Lav2Error
+from lav2cli.evaluate import tasks as T
+from lav2cli.fileio import atomic_file
+
+__all__ = ["EvalOptions", "run", "evaluate", "metrics_path", "read_predictions"]
+
+
+@dataclass
+class EvalOptions:
+    task: str
+    data: Path
+    model: str | None = None
+    base: str | None = None
+    clip: str | None = None
+    out: Path | None = None
+    batch_size: int = 8
+    limit: int | None = None
+    as_json: bool = False
+    max_new_tokens: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    predictions: Path | None = None
+    short_answer: bool = True  # vqa
+    suffix: str = ""  # vqa: appended to every question
+    exact_match: bool | None = None  # text: None = when every reference is a short answer
+
+
+def metrics_path(predictions: str | os.PathLike) -> Path:
+    """FILE.jsonl -> FILE.metrics.json (any other name: NAME.metrics.json)."""
+    p = Path(predictions)
+    stem = p.name[:-len(".jsonl")] if p.name.endswith(".jsonl") else p.name
+    return p.with_name(stem + ".metrics.json")
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+# -- the predictions file --------------------------------------------------------------------
+
+
+def read_predictions(path: Path, owner: dict[str, str], data: Path, *, model: str | None = None,
+                     repair: bool = False, log: Callable[[str], None] | None = None) -> dict[str, dict]:
+    """Predictions by unit id. `owner` maps every id the records know (record ids, and for
+    captions the ids of all records of an image) to its unit id (or "" when the record is not
+    scored). Refuses, in one line, a file with an id from elsewhere, a duplicate, a line without
+    a text ``prediction``, or (with `model`) lines from another model. With `repair`, a last
+    line cut off by an interrupted run is dropped from the file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise Lav2Error(f"{path}: cannot read predictions: {e.strerror or e}") from None
+    lines = raw.split(b"\n")
+    if lines and lines[-1].strip() and repair:
+        try:
+            json.loads(lines[-1])
+        except ValueError:  # a line the previous run did not finish
+            keep = len(raw) - len(lines[-1])
+            with open(path, "r+b") as f:
+                f.truncate(keep)
+            if log:
+                log(f"{path}: dropped an unfinished last line left by an interrupted run")
+            lines = lines[:-1]
+        else:  # complete but unterminated: end it, so that appended lines start on their own
+            with open(path, "ab") as f:
+                f.write(b"\n")
+    out: dict[str, dict] = {}
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise Lav2Error(f"{path}:{lineno}: malformed json ({e})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
+            raise Lav2Error(f"{path}:{lineno}: a prediction needs a string \"id\"")
+        rid = obj["id"]
+        if rid not in owner:
+            raise Lav2Error(f"{path}:{lineno}: prediction id {rid!r} is not among the records of {data} "
+                            "(predictions from another data file?)")
+        if "prediction" in obj and not isinstance(obj["prediction"], str):
+            raise Lav2Error(f"{path}:{lineno}: \"prediction\" must be a string")
+        if model is not None and obj.get("model") not in (None, model):
+            raise Lav2Error(f"{path}:{lineno}: holds predictions of model {obj.get('model')!r}, not {model!r}; "
+                            "use another --out to evaluate another model")
+        unit = owner[rid]
+        if not unit:
+            continue  # a record the task does not score (counted among the skips)
+        if unit in out:
+            raise Lav2Error(f"{path}:{lineno}: a second prediction for {unit!r}")
+        out[unit] = obj
+    return out
+
+
+# -- generation --------------------------------------------------------------------------------
+
+
+def _image_batch(engine, units: list[T.Unit]):
+    """(images, image_mask) for a batch: zeros and mask False for rows without an image; None
+    when the model has no encoder or no row has an image."""
+    import torch
+
+    from lav2cli.model.vision import load_image
+
+    if engine.image_transform is None or all(u.image is None for u in units):
+        return None, None
+    tensors = {i: engine.image_tensor([load_image(u.image)])[0] for i, u in enumerate(units) if u.image is not None}
+    shape = next(iter(tensors.values())).shape
+    images = torch.zeros((len(units), *shape), dtype=engine.dtype, device=engine.device)
+    for i, t in tensors.items():
+        images[i] = t
+    mask = torch.tensor([u.image is not None for u in units], device=engine.device)
+    return images, mask
+
+
+def _generate(engine, opts: EvalOptions, units: list[T.Unit], max_new: int) -> list[dict]:
+    from lav2cli.generate import Sampling
+
+    tpl, tok = engine.template, engine.tokenizer
+    parts = [T.prompt_parts(opts.task, u, opts.short_answer, opts.suffix) for u in units]
+    ids = [tpl.encode_prompt(tok, *p) for p in parts]
+    images, mask = _image_batch(engine, units)
+    outs = engine.generate(ids, images=images, image_mask=mask,
+                           sampling=Sampling(max_new_tokens=max_new, temperature=0.0, top_p=1.0))
+    rows = []
+    for u, p, o in zip(units, parts, outs):
+        pred = tok.decode(o).strip()
+        rows.append({"id": u.id, "image": u.image, "prompt": tpl.prompt(*p), "prediction": pred,
+                     "reference": T.reference_field(opts.task, u), **T.judge(opts.task, u, pred)})
+    return rows
+
+
+def _losses(engine, units: list[T.Unit]) -> list[tuple[float, int]]:
+    """(mean loss over response tokens, response tokens) per unit: the labels of
+    templates.encode_example (prompt masked), teacher forcing, right padding."""
+    import torch
+    import torch.nn.functional as F
+
+    from lav2cli.templates import IGNORE_INDEX
+
+    tpl, tok = engine.template, engine.tokenizer
+    max_len = engine.config.llama.max_seq_len
+    pairs = [tpl.encode_example(tok, u.instruction, u.input, u.references[0], max_tokens=max_len) for u in units]
+    width = max(len(i) for i, _ in pairs)
+    tokens = torch.full((len(pairs), width), tok.pad_id, dtype=torch.long)
+    labels = torch.full((len(pairs), width), IGNORE_INDEX, dtype=torch.long)
+    for r, (i, lab) in enumerate(pairs):
+        tokens[r, :len(i)] = torch.tensor(i)
+        labels[r, :len(lab)] = torch.tensor(lab)
+    images, mask = _image_batch(engine, units)
+    with torch.no_grad():
+        logits = engine.model(tokens.to(engine.device), images, mask).float()
+    target = labels[:, 1:].to(engine.device)
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
+                          ignore_index=IGNORE_INDEX, reduction="none").view(target.shape)
+    counts = (target != IGNORE_INDEX).sum(1)
+    sums = nll.sum(1)
+    return [(float(s) / int(c) if int(c) else 0.0, int(c)) for s, c in zip(sums.tolist(), counts.tolist())]
+
+
+def _predict(engine, opts: EvalOptions, todo: list[T.Unit], out: Path, exact_match: bool) -> dict[str, dict]:
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    max_new = opts.max_new_tokens or T.DEFAULT_MAX_NEW_TOKENS[opts.task]
+    new: dict[str, dict] = {}
+    console = _stderr()
+    t0 = time.perf_counter()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # a bar on a terminal only (a log file gets the summary line alone)
+    with open(out, "a", encoding="utf-8") as f, Progress(*columns, console=console, transient=True,
+                                                         disable=not console.is_terminal) as bar:
+        job = bar.add_task(f"eval {opts.task}", total=len(todo))
+        for start in range(0, len(todo), opts.batch_size):
+            batch = todo[start:start + opts.batch_size]
+            if opts.task == "text":
+                gen = _generate(engine, opts, batch, max_new) if exact_match else None
+                rows = []
+                for k, (u, (loss, n)) in enumerate(zip(batch, _losses(engine, batch))):
+                    row = {"id": u.id, "image": u.image, "prompt": engine.template.prompt(u.instruction, u.input),
+                           "reference": u.references[0], "loss": round(loss, 6), "tokens": n}
+                    if gen is not None:
+                        row.update(prediction=gen[k]["prediction"], correct=gen[k]["correct"])
+                    rows.append(row)
+            else:
+                rows = _generate(engine, opts, batch, max_new)
+            for row in rows:
+                row["model"] = opts.model
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                new[row["id"]] = row
+            f.flush()
+            bar.advance(job, len(batch))
+    dt = time.perf_counter() - t0
+    console.print(f"predicted {len(todo)} {'images' if opts.task == 'caption' else 'records'} in {dt:.1f} s "
+                  f"-> {out}", markup=False, soft_wrap=True)
+    return new
+
+
+# -- the command -------------------------------------------------------------------------------
+
+
+def evaluate(opts: EvalOptions, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run one evaluation (see the module docstring) and return the metrics object it saved."""
+    log = log or (lambda m: _stderr().print(m, markup=False, soft_wrap=True))
+    if opts.task not in T.TASKS:
+        raise Lav2Error(f"unknown task {opts.task!r} (expected one of {', '.join(T.TASKS)})")
+    if opts.batch_size < 1:
+        raise Lav2Error("--batch-size must be at least 1")
+    records = list(read_records(opts.data))
+    if not records:
+        raise Lav2Error(f"{opts.data}: no records")
+    sel = T.select(opts.task, records)
+    for reason, n in sel.skipped.items():
+        log(f"skipped {n} record(s): {reason} (e.g. {sel.examples[reason]})")
+    units = sel.units[:opts.limit] if opts.limit is not None else sel.units
+    if not units:
+        reasons = "; ".join(f"{n} {r}" for r, n in sel.skipped.items()) or "none"
+        raise Lav2Error(f"{opts.data}: no records to evaluate for {opts.task} (left out: {reasons})")
+    owner = {r.id: "" for r in records}
+    for u in sel.units:
+        for rid in u.record_ids:
+            owner[rid] = u.id
+    exact_match = opts.exact_match if opts.exact_match is not None else T.wants_exact_match(units)
+
+    if opts.predictions is not None:
+        if opts.task == "text":
+            raise Lav2Error("text scores losses from the model: it cannot score a --predictions file")
+        preds = read_predictions(opts.predictions, owner, opts.data)
+        bad = [p["id"] for p in preds.values() if not isinstance(p.get("prediction"), str)]
+        if bad:
+            raise Lav2Error(f"{opts.predictions}: prediction {bad[0]!r} has no \"prediction\" text")
+        source, where = opts.predictions, metrics_path(opts.predictions)
+    else:
+        if opts.out is None:
+            raise Lav2Error("give --out FILE.jsonl for the predictions (metrics go to FILE.metrics.json)")
+        model = opts.model or "smollm2-135m-instruct"
+        opts.model = model
+        preds = {}
+        if opts.out.exists():
+            preds = read_predictions(opts.out, owner, opts.data, model=model, repair=True, log=log)
+            if opts.task == "text":
+                incomplete = [k for k, p in preds.items() if "loss" not in p or (exact_match and "prediction" not in p)]
+                if incomplete:
+                    raise Lav2Error(f"{opts.out}: prediction {incomplete[0]!r} lacks loss or prediction; "
+                                    "use another --out")
+        todo = [u for u in units if u.id not in preds]
+        if preds and todo:
+            log(f"resuming: {len(units) - len(todo)} of {len(units)} already in {opts.out}")
+        if todo:
+            engine = _load(opts, log)
+            if any(u.image for u in todo) and not engine.can_see:
+                log("note: this model has no trained visual branch, so it cannot see the images; "
+                    "its answers come from the text alone")
+            preds.update(_predict(engine, opts, todo, opts.out, exact_match))
+        source, where = opts.out, metrics_path(opts.out)
+
+    scored = [u for u in units if u.id in preds]
+    if not scored:
+        raise Lav2Error(f"{source}: no predictions for the selected records of {opts.data}")
+    if len(scored) < len(units):
+        log(f"{len(units) - len(scored)} of {len(units)} units have no prediction in {source}; scored the rest")
+    if opts.task == "mme":  # a pair whose partner has no prediction cannot give acc+
+        from collections import Counter
+
+        have = Counter(u.extra["pair"] for u in scored)
+        lonely = [u for u in scored if have[u.extra["pair"]] != 2]
+        if lonely:
+            log(f"skipped {len(lonely)} MME question(s) whose partner question has no prediction "
+                f"(e.g. {lonely[0].id})")
+            scored = [u for u in scored if have[u.extra["pair"]] == 2]
+            if not scored:
+                raise Lav2Error(f"{source}: no MME image with predictions for both its questions")
+    result: dict[str, Any] = {"task": opts.task, "data": str(opts.data), "model": opts.model,
+                              "predictions": str(source), "n": len(scored)}
+    result.update(T.SCORERS[opts.task](scored, preds))
+    if opts.task == "text":
+        result["exact_match_reported"] = exact_match
+    result["skipped"] = dict(sel.skipped)
+    from lav2cli import __version__
+
+    result["lav2_version"] = __version__
+    with atomic_file(where) as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    result["metrics_file"] = str(where)
+    return result
+
+
+def _load(opts: EvalOptions, log):
+    from lav2cli.engine import load
+
+    with _stderr().status(f"loading {opts.model} ...", spinner="dots"):
+        return load(opts.model, base=opts.base, clip=opts.clip, device=opts.device, dtype=opts.dtype)
+
+
+def run(task: str, **kwargs: Any) -> None:
+    """The CLI entry: evaluate, then print the metrics (table, or one JSON line with as_json)."""
+    kwargs = {k: v for k, v in kwargs.items() if k in EvalOptions.__dataclass_fields__}
+    opts = EvalOptions(task=task, **kwargs)
+    result = evaluate(opts)
+    if opts.as_json:
+        print(json.dumps(result, ensure_ascii=False), flush=True)
+    else:
+        render(result)
+
+
+# -- tables ------------------------------------------------------------------------------------
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def render(result: dict[str, Any], console=None) -> None:
+    """The metrics as rich tables on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(highlight=False)
+    task = result["task"]
+    title = f"lav2 eval {task}: {result['n']} {'images' if task == 'caption' else 'records'} ({result['data']})"
+    if task == "vqa":
+        t = Table(title=title)
+        for c in ("group", "n", "accuracy %"):
+            t.add_column(c, justify="right" if c != "group" else "left")
+        t.add_row("overall", str(result["n"]), _pct(result["accuracy"]), style="bold")
+        for name, key, top in (("answer type", "per_answer_type", None), ("question", "per_question_type", 10),
+                               ("answer", "per_answer", 10)):
+            rows = list(result[key].items())
+            for k, v in rows[:top]:
+                t.add_row(f"{name}: {k}", str(v["n"]), _pct(v["accuracy"]))
+            if top and len(rows) > top:
+                t.add_row(f"{name}: ({len(rows) - top} more in the metrics file)", "", "")
+        console.print(t)
+    elif task == "caption":
+        t = Table(title=title)
+        for c in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr"):
+            t.add_column(c, justify="right")
+        t.add_row(*(f"{100 * result[c]:.1f}" for c in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr")))
+        console.print(t)
+        console.print(f"(x100; note: {result['note']})", markup=False, soft_wrap=True)
+    elif task == "mme":
+        t = Table(title=title)
+        for c in ("subtask", "category", "questions", "acc %", "acc+ %", "score"):
+            t.add_column(c, justify="left" if c in ("subtask", "category") else "right")
+        for name, s in result["subtasks"].items():
+            t.add_row(name, s["category"], str(s["questions"]), _pct(s["acc"]), _pct(s["acc_plus"]), f"{s['score']:.2f}")
+        console.print(t)
+        p = result["subtasks_present"]
+        console.print(f"perception: {result['perception']:.2f} (of {200 * p['perception']}, {p['perception']}/10 subtasks)"
+                      f"   cognition: {result['cognition']:.2f} (of {200 * p['cognition']}, {p['cognition']}/4 subtasks)",
+                      markup=False, soft_wrap=True)
+    else:
+        t = Table(title=title)
+        for c in ("loss", "perplexity", "response tokens", "exact match %"):
+            t.add_column(c, justify="right")
+        ppl = result["perplexity"]
+        t.add_row(f"{result['loss']:.4f}", f"{ppl:.2f}" if math.isfinite(ppl) else "inf", str(result["tokens"]),
+                  _pct(result["exact_match"]))
+        console.print(t)
+    console.print(f"metrics: {result['metrics_file']}", markup=False, soft_wrap=True)
