@@ -250,98 +250,6 @@ def train(
 
 # --- eval (lav2cli/evaluate) ----------------------------------------------------------------
 
-eval_app = typer.Typer(
-    help="Score a model on VQA, COCO-style captions, MME or held-out text; predictions as JSON lines.",
-    no_args_is_help=True,
-)
-app.add_typer(eval_app, name="eval")
-
-from lav2cli import evaluate as _eval  # noqa: E402  (torch-free; the model loads only when needed)
-
-_EData = Annotated[Path, typer.Option("--data", "-d", help="Records (JSON lines from `lav2 prepare`).")]
-_EModel = Annotated[Optional[str], typer.Option("--model", "-m", help="Model reference (as `lav2 ask`; default smollm2-135m-instruct).")]
-_EBase = Annotated[Optional[str], typer.Option("--base", help="Base LLaMA for an official .pth, or to override an artifact's.")]
-_EClip = Annotated[Optional[str], typer.Option("--clip", help="open_clip encoder NAME[:PRETRAINED] for an official .pth.")]
-_EOut = Annotated[Optional[Path], typer.Option("--out", "-o", help="Predictions FILE.jsonl (resumed when it exists); metrics go to FILE.metrics.json.")]
-_EBatch = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Records per generation batch.")]
-_ELimit = Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluate only the first N units (quick looks).")]
-_EJson = Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object instead of a table.")]
-_EMaxNew = Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, help="Greedy decoding length (default: vqa 30, caption 64, mme 30, text 30).")]
-_EDevice = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
-_EDtype = Annotated[str, typer.Option("--dtype", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")]
-_EPred = Annotated[Optional[Path], typer.Option("--predictions", help="Score this predictions file (JSON lines with id and prediction) instead of running a model.")]
-
-
-@eval_app.command("vqa")
-def eval_vqa(
-    data: _EData, model: _EModel = None, base: _EBase = None, clip: _EClip = None, out: _EOut = None,
-    batch_size: _EBatch = 8, limit: _ELimit = None, as_json: _EJson = False, max_new_tokens: _EMaxNew = None,
-    device: _EDevice = "auto", dtype: _EDtype = "auto", predictions: _EPred = None,
-    short_answer: Annotated[bool, typer.Option("--short-answer/--no-short-answer", help='Ask for "a single word or phrase" in the template.')] = True,
-    suffix: Annotated[str, typer.Option("--suffix", help="Text appended to every question, e.g. 'Answer with one word.'")] = "",
-) -> None:
-    """Short-answer accuracy (VQA normalisation; VQAv2's ten answers when records carry "answers").
-
-    Examples:
-
-      lav2 eval vqa --data data/easyvqa/records.jsonl --model runs/joint --out runs/joint/easyvqa.jsonl
-
-      lav2 eval vqa --data data/vqa.jsonl --model runs/joint --out preds.jsonl --limit 200 --json
-    """
-    _eval.run("vqa", **locals())
-
-
-@eval_app.command("caption")
-def eval_caption(
-    data: _EData, model: _EModel = None, base: _EBase = None, clip: _EClip = None, out: _EOut = None,
-    batch_size: _EBatch = 8, limit: _ELimit = None, as_json: _EJson = False, max_new_tokens: _EMaxNew = None,
-    device: _EDevice = "auto", dtype: _EDtype = "auto", predictions: _EPred = None,
-) -> None:
-    """BLEU-1..4 and CIDEr-D over all reference captions of each image (COCO caption evaluation).
-
-    Examples:
-
-      lav2 eval caption --data data/karpathy-test.jsonl --model runs/joint --out runs/joint/coco.jsonl
-
-      lav2 eval caption --data data/karpathy-test.jsonl --predictions runs/joint/coco.jsonl --json
-    """
-    _eval.run("caption", **locals())
-
-
-@eval_app.command("mme")
-def eval_mme(
-    data: _EData, model: _EModel = None, base: _EBase = None, clip: _EClip = None, out: _EOut = None,
-    batch_size: _EBatch = 8, limit: _ELimit = None, as_json: _EJson = False, max_new_tokens: _EMaxNew = None,
-    device: _EDevice = "auto", dtype: _EDtype = "auto", predictions: _EPred = None,
-) -> None:
-    """The MME protocol: yes/no parsing, acc and acc+ per subtask, perception and cognition totals.
-
-    Examples:
-
-      lav2 eval mme --data data/mme.jsonl --model llama-adapter.pth --base llama-7b --out mme.jsonl
-
-      lav2 eval mme --data data/mme.jsonl --predictions mme.jsonl --json
-    """
-    _eval.run("mme", **locals())
-
-
-@eval_app.command("text")
-def eval_text(
-    data: _EData, model: _EModel = None, base: _EBase = None, clip: _EClip = None, out: _EOut = None,
-    batch_size: _EBatch = 8, limit: _ELimit = None, as_json: _EJson = False, max_new_tokens: _EMaxNew = None,
-    device: _EDevice = "auto", dtype: _EDtype = "auto",
-    exact_match: Annotated[Optional[bool], typer.Option("--exact-match/--no-exact-match", help="Also generate and report exact match (default: when every reference is at most 3 words).")] = None,
-) -> None:
-    """Mean loss and perplexity over response tokens (and exact match for short answers).
-
-    Examples:
-
-      lav2 eval text --data data/alpaca.val.jsonl --model runs/finetune --out runs/finetune/val.jsonl
-
-      lav2 eval text --data data/easyvqa/records.val.jsonl --model runs/joint --out val.jsonl --json
-    """
-    _eval.run("text", **locals())
-
 # --- end eval -------------------------------------------------------------------------------
 
 
@@ -378,6 +286,86 @@ def merge(
 
 
 # --- end merge ------------------------------------------------------------------------------
+
+
+# --- bench (lav2cli/bench.py) ---------------------------------------------------------------
+
+bench_app = typer.Typer(help="Throughput on random weights of a named shape (tiny, smollm2-135m, llama-7b, llama-13b).",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+def _bench_print(result: dict, as_json: bool) -> None:
+    import json
+
+    if as_json:
+        print(json.dumps(result))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"lav2 bench {result['bench']}", show_header=False, title_justify="left")
+    for k, v in result.items():
+        table.add_row(k, str(v))
+    Console().print(table)
+
+
+@bench_app.command("decode")
+def bench_decode(
+    shape: str = typer.Option("llama-7b", help="tiny, smollm2-135m, llama-7b or llama-13b."),
+    batch: int = typer.Option(1, min=1),
+    prompt_len: int = typer.Option(32, min=1),
+    new_tokens: int = typer.Option(200, min=2),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step."),
+    variant: str = typer.Option("paper", help="paper, official or none (the plain base)."),
+    device: str = typer.Option("auto"),
+    dtype: str = typer.Option("auto", help="auto: bf16 on CUDA, fp32 on CPU."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Decoding tokens/s and weight-read bandwidth (warm-up excluded).
+
+    Examples:
+
+      lav2 bench decode --shape llama-7b --compile
+
+      lav2 bench decode --shape smollm2-135m --device cpu --new-tokens 50 --json
+    """
+    from lav2cli import bench
+    from lav2cli.engine import resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    _bench_print(bench.bench_decode(shape, batch, prompt_len, new_tokens, compile, variant, dev,
+                                    resolve_dtype(dtype, dev)), as_json)
+
+
+@bench_app.command("train")
+def bench_train(
+    shape: str = typer.Option("llama-7b", help="tiny, smollm2-135m, llama-7b or llama-13b."),
+    batch: int = typer.Option(8, min=1),
+    seq: int = typer.Option(512, min=2),
+    grad_ckpt: bool = typer.Option(False, "--grad-ckpt/--no-grad-ckpt", help="Activation checkpointing per block."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile each transformer block."),
+    variant: str = typer.Option("paper", help="paper, official or none."),
+    lora_rank: int = typer.Option(0, min=0),
+    steps: int = typer.Option(10, min=1, help="Timed steps (after 3 warm-up steps)."),
+    device: str = typer.Option("auto"),
+    dtype: str = typer.Option("auto", help="auto: bf16 frozen weights on CUDA, fp32 on CPU."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Adapter-training tokens/s, model FLOP/s and MFU (4 x frozen params x tokens), peak memory.
+
+    Examples:
+
+      lav2 bench train --shape llama-7b --batch 8 --seq 512 --compile
+
+      lav2 bench train --shape tiny --device cpu --json
+    """
+    from lav2cli import bench
+    from lav2cli.engine import resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    _bench_print(bench.bench_train(shape, batch, seq, grad_ckpt, compile, variant, lora_rank, steps, dev,
+                                   resolve_dtype(dtype, dev)), as_json)
 
 
 # --- ask and info -----------------------------------------------------------------------
