@@ -206,3 +206,27 @@ def test_artifact_on_a_mismatched_base(tmp_path, tiny_llama_config, meta_dir, ba
     meta.save(other, cfg, LlamaAdapterV2(cfg).llama.state_dict(), tokenizer_model_path=spm_model_path)
     with pytest.raises(Lav2Error, match="hidden_dim=160"):
         engine.load(str(tmp_path / "run"), base=str(other), device="cpu")
+
+
+def test_bf16_inference_with_an_adapter_runs_and_tracks_fp32(tmp_path, tiny_llama_config, meta_dir):
+    """Adapter tensors stay fp32 while a bf16 base computes in bf16: no dtype clash anywhere
+    (prompts, LoRA, gates, visual branch), checked on CPU so CI sees it without a GPU."""
+    cfg = AdapterConfig(variant="paper", lora_rank=4,
+                        visual=VisualConfig(encoder_dim=1280, width=32, depth=1, heads=4, n_queries=10))
+    eng = engine.load(str(meta_dir), adapter=cfg, encoder=EFFNET, device="cpu")
+    with torch.no_grad():
+        for p in eng.model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    eng.save_adapter(tmp_path / "run")
+    tokens = tokens_for(tiny_llama_config, 2, 9)
+    image = torch.rand(2, 3, 224, 224)
+    ref = engine.load(str(tmp_path / "run"), device="cpu", dtype="float32").logits(tokens, image)
+    bf = engine.load(str(tmp_path / "run"), device="cpu", dtype="bfloat16")
+    assert bf.model.llama.layers[0].attention.wq.weight.dtype == torch.bfloat16
+    out = bf.logits(tokens, image)
+    assert out.dtype == torch.float32 and (out - ref).abs().max() < 0.05 * ref.abs().max()
+    from PIL import Image
+
+    ids = bf.generate([[1, 5, 9]], images=bf.image_tensor([Image.new("RGB", (64, 64), "red")]))[0]
+    assert isinstance(ids, list)

@@ -106,6 +106,7 @@ class AdaptedAttention(_Adapted, Attention):
         scale, never the token path's LoRA; with the prompt-only LoRA where present), no RoPE.
         Computed once per request at inference."""
         B, K, _ = prompt.shape
+        prompt = prompt.to(self.wk.weight.dtype)  # prompts train in fp32; a bf16 base computes in bf16
         kp = self._prompt_proj("wk", prompt).view(B, K, self.n_kv_heads, self.head_dim).transpose(1, 2)
         vp = self._prompt_proj("wv", prompt).view(B, K, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return kp, vp
