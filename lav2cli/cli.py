@@ -250,6 +250,98 @@ def train(
 
 # --- eval (lav2cli/evaluate) ----------------------------------------------------------------
 
+eval_app = typer.Typer(
+    help="Score a model on VQA, COCO-style captions, MME or held-out text; predictions as JSON lines.",
+    no_args_is_help=True,
+)
+app.add_typer(eval_app, name="eval")
+
+from lav2cli import evaluate as _eval  # noqa: E402  (torch-free; the model loads only when needed)
+
+_EData = Annotated[Path, typer.Option("--data", "-d", help="Records (JSON lines from `lav2 prepare`).")]
+_EModel = Annotated[Optional[str], typer.Option("--model", "-m", help="Model reference (as `lav2 ask`; default smollm2-135m-instruct).")]
+_EBase = Annotated[Optional[str], typer.Option("--base", help="Base LLaMA for an official .pth, or to override an artifact's.")]
+_EClip = Annotated[Optional[str], typer.Option("--clip", help="open_clip encoder NAME[:PRETRAINED] for an official .pth.")]
+_EOut = Annotated[Optional[Path], typer.Option("--out", "-o", help="Predictions FILE.jsonl (resumed when it exists); metrics go to FILE.metrics.json.")]
+_EBatch = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Records per generation batch.")]
+_ELimit = Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluate only the first N units (quick looks).")]
+_EJson = Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object instead of a table.")]
+_EMaxNew = Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, help="Greedy decoding length (default: vqa 30, caption 64, mme 30, text 30).")]
+_EDevice = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+_EDtype = Annotated[str, typer.Option("--dtype", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")]
+_EPred = Annotated[Optional[Path], typer.Option("--predictions", help="Score this predictions file (JSON lines with id and prediction) instead of running a model.")]
+
+
+@eval_app.command("vqa")
+def eval_vqa(
+    data: _EData, model: _EModel = None, base: _EBase = None, clip: _EClip = None, out: _EOut = None,
+    batch_size: _EBatch = 8, limit: _ELimit = None, as_json: _EJson = False, max_new_tokens: _EMaxNew = None,
+    device: _EDevice = "auto", dtype: _EDtype = "auto", predictions: _EPred = None,
+    short_answer: Annotated[bool, typer.Option("--short-answer/--no-short-answer", help='Ask for "a single word or phrase" in the template.')] = True,
+    suffix: Annotated[str, typer.Option("--suffix", help="Text appended to every question, e.g. 'Answer with one word.'")] = "",
+) -> None:
+    """Short-answer accuracy (VQA normalisation; VQAv2's ten answers when records carry "answers").
+
+    Examples:
+
+      lav2 eval vqa --data data/easyvqa/records.jsonl --model runs/joint --out runs/joint/easyvqa.jsonl
+
+      lav2 eval vqa --data data/vqa.jsonl --model runs/joint --out preds.jsonl --limit 200 --json
+    """
+    _eval.run("vqa", **locals())
+
+
+@eval_app.command("caption")
+def eval_caption(
+    data: _EData, model: _EModel = None, base: _EBase = None, clip: _EClip = None, out: _EOut = None,
+    batch_size: _EBatch = 8, limit: _ELimit = None, as_json: _EJson = False, max_new_tokens: _EMaxNew = None,
+    device: _EDevice = "auto", dtype: _EDtype = "auto", predictions: _EPred = None,
+) -> None:
+    """BLEU-1..4 and CIDEr-D over all reference captions of each image (COCO caption evaluation).
+
+    Examples:
+
+      lav2 eval caption --data data/karpathy-test.jsonl --model runs/joint --out runs/joint/coco.jsonl
+
+      lav2 eval caption --data data/karpathy-test.jsonl --predictions runs/joint/coco.jsonl --json
+    """
+    _eval.run("caption", **locals())
+
+
+@eval_app.command("mme")
+def eval_mme(
+    data: _EData, model: _EModel = None, base: _EBase = None, clip: _EClip = None, out: _EOut = None,
+    batch_size: _EBatch = 8, limit: _ELimit = None, as_json: _EJson = False, max_new_tokens: _EMaxNew = None,
+    device: _EDevice = "auto", dtype: _EDtype = "auto", predictions: _EPred = None,
+) -> None:
+    """The MME protocol: yes/no parsing, acc and acc+ per subtask, perception and cognition totals.
+
+    Examples:
+
+      lav2 eval mme --data data/mme.jsonl --model llama-adapter.pth --base llama-7b --out mme.jsonl
+
+      lav2 eval mme --data data/mme.jsonl --predictions mme.jsonl --json
+    """
+    _eval.run("mme", **locals())
+
+
+@eval_app.command("text")
+def eval_text(
+    data: _EData, model: _EModel = None, base: _EBase = None, clip: _EClip = None, out: _EOut = None,
+    batch_size: _EBatch = 8, limit: _ELimit = None, as_json: _EJson = False, max_new_tokens: _EMaxNew = None,
+    device: _EDevice = "auto", dtype: _EDtype = "auto",
+    exact_match: Annotated[Optional[bool], typer.Option("--exact-match/--no-exact-match", help="Also generate and report exact match (default: when every reference is at most 3 words).")] = None,
+) -> None:
+    """Mean loss and perplexity over response tokens (and exact match for short answers).
+
+    Examples:
+
+      lav2 eval text --data data/alpaca.val.jsonl --model runs/finetune --out runs/finetune/val.jsonl
+
+      lav2 eval text --data data/easyvqa/records.val.jsonl --model runs/joint --out val.jsonl --json
+    """
+    _eval.run("text", **locals())
+
 # --- end eval -------------------------------------------------------------------------------
 
 
