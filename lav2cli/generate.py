@@ -38,6 +38,7 @@ def _decode_step(model: LlamaAdapterV2, token, input_pos, pad, prompt_kv):
 
 
 _compiled: dict[str, Callable] = {}
+CACHE_BUCKET = 512
 
 
 def decode_step_fn(compile: bool, device: torch.device) -> Callable:
@@ -76,6 +77,8 @@ def generate(
         raise ValueError("empty prompt")
     t0 = max(lens)
     total = t0 + sampling.max_new_tokens
+    if compile:  # the cache length is part of the compiled graph: bucket it so requests share one
+        total = -(-total // CACHE_BUCKET) * CACHE_BUCKET
     tokens = torch.full((B, t0), pad_id, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         tokens[i, t0 - len(p):] = torch.tensor(p, dtype=torch.long)

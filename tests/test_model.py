@@ -192,3 +192,22 @@ def test_only_adapter_parameters_get_gradients():
         else:
             assert not p.requires_grad and p.grad is None, n
     assert model.llama.layers[1].attention.gate.grad is not None
+
+
+def test_compiled_decoding_equals_eager_and_shares_one_graph():
+    """The compiled decode step gives the eager tokens, and requests of other lengths reuse it
+    (the cache length is bucketed) instead of compiling again."""
+    import torch._dynamo
+
+    from lav2cli import generate as gen
+
+    torch._dynamo.reset()
+    gen._compiled.clear()
+    _, model = adapted("paper", lora=4)
+    perturb_adapter(model)
+    s = Sampling(max_new_tokens=6, temperature=0)
+    for prompt in ([5, 17, 3, 44, 9], [7, 2, 8]):
+        eager = generate(model, [prompt], stop_ids=frozenset(), pad_id=0, sampling=s)
+        assert generate(model, [prompt], stop_ids=frozenset(), pad_id=0, sampling=s, compile=True) == eager
+    counters = torch._dynamo.utils.counters["stats"]
+    assert counters["unique_graphs"] == 1, dict(counters)
