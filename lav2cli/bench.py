@@ -147,8 +147,8 @@ def bench_train(shape: str, batch: int, seq: int, grad_ckpt: bool, compile: bool
 
     def step() -> float:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and dtype == torch.bfloat16):
-            pkv = model.prompt_kv(None, None, batch=batch)
-            h = model.llama.hidden(tokens, prompt_kv=pkv)
+            prompts = model.prompts(None, None, batch=batch)
+            h = model.llama.hidden(tokens, prompt_kv=prompts)
             logits = F.linear(h[:, :-1].reshape(-1, h.shape[-1]), model.llama.head_weight())
         loss = F.cross_entropy(logits.float(), tokens[:, 1:].reshape(-1))
         loss.backward()

@@ -73,6 +73,7 @@ class TrainSection:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"
+    fsdp: bool = False  # under torchrun: shard the frozen base's blocks across the processes (FSDP2)
 
 
 @dataclass

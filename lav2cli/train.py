@@ -31,9 +31,10 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from lav2cli.data.dataset import Batch, Stream, collate, load_examples
-from lav2cli.engine import Engine, load
+from lav2cli.engine import Engine, load, resolve_device
 from lav2cli.errors import Lav2Error
 from lav2cli.formats import artifact
 from lav2cli.model.adapter import LlamaAdapterV2, is_adapter_param
@@ -163,6 +164,52 @@ def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return t
 
 
+def shard_blocks(model: LlamaAdapterV2, device: torch.device, world: int) -> None:
+    """FSDP2: shard every transformer block (the frozen base lives there) across the processes;
+    the small top-level tensors (embeddings, prompts, visual branch) stay whole on each."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    for layer in model.llama.layers:
+        fully_shard(layer, mesh=mesh)
+    model.to(device)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A whole tensor from an FSDP shard (a collective), or the tensor itself."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def like(value: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """A whole tensor laid out as `ref`: sharded the same way when ref is an FSDP shard."""
+    if isinstance(ref, DTensor):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(value.to(ref.device), ref.device_mesh, ref.placements)
+    return value
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float, d: "Dist") -> float:
+    """Clip the gradients' global L2 norm (FSDP shards summed over ranks); returns the norm."""
+    plain = torch.zeros((), dtype=torch.float32)
+    sharded = torch.zeros((), dtype=torch.float32)
+    grads = [p.grad for p in params if p.grad is not None]
+    for g in grads:
+        if isinstance(g, DTensor):
+            sharded = sharded.to(g.device) + g.to_local().float().pow(2).sum()
+        else:
+            plain = plain.to(g.device) + g.float().pow(2).sum()
+    if d.world > 1 and any(isinstance(g, DTensor) for g in grads):
+        dist.all_reduce(sharded, op=dist.ReduceOp.SUM)
+    norm = float((plain.cpu() + sharded.cpu()).sqrt())
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+    return norm
+
+
 # -- images ------------------------------------------------------------------------------------
 
 
@@ -230,22 +277,29 @@ class Trainer:
         random.seed(t.seed)
 
         # -- setup: model ----------------------------------------------------------------------
-        device = t.device if t.device != "auto" or self.dist.world == 1 else (
-            f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(t.device if t.device != "auto" or self.dist.world == 1 else (
+            f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu"))
         from lav2cli.engine import classify_ref
 
+        # FSDP: build on the CPU, then shard the blocks onto the devices (never the whole base on one)
+        self.fsdp = t.fsdp and self.dist.world > 1
+        load_device = "cpu" if self.fsdp else device
+        dtype = "bfloat16" if device.type == "cuda" and t.precision != "fp32" else "float32"  # of the frozen base
         kind, _ = classify_ref(r.model.ref)
         if kind == "artifact":  # continue from an earlier stage: its adapter, its encoder
-            self.engine = load(r.model.ref, base=r.model.base or None, device=device, dtype="auto")
+            self.engine = load(r.model.ref, base=r.model.base or None, device=load_device, dtype=dtype)
             self.initial = set(artifact.load_tensors(Path(r.model.ref)))
         else:
             enc = r.encoder_spec()
             enc_dim = _encoder_dim(enc)
-            self.engine = load(r.model.ref, device=device, dtype="auto", adapter=r.adapter_config(enc_dim), encoder=enc)
+            self.engine = load(r.model.ref, device=load_device, dtype=dtype, adapter=r.adapter_config(enc_dim), encoder=enc)
             self.initial = set()
         eng = self.engine
         if eng.model.adapter is None:
             raise Lav2Error(f"{r.model.ref}: nothing to train (no adapter)")
+        if self.fsdp:
+            shard_blocks(eng.model, device, self.dist.world)
+            eng.device = device
         self.device = eng.device
         self.model = eng.model.train()
         cuda = self.device.type == "cuda"
@@ -328,8 +382,8 @@ class Trainer:
         m = self.model
         ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
         with ctx:
-            pkv = m.prompt_kv(batch.images, batch.image_mask, batch=batch.tokens.shape[0])
-            h = m.llama.hidden(batch.tokens, prompt_kv=pkv)
+            prompts = m.prompts(batch.images, batch.image_mask, batch=batch.tokens.shape[0])
+            h = m.llama.hidden(batch.tokens, prompt_kv=prompts)
             targets = batch.labels[:, 1:]
             keep = targets != IGNORE_INDEX
             logits = F.linear(h[:, :-1][keep], m.llama.head_weight())
@@ -359,10 +413,14 @@ class Trainer:
         active = [p for n, p in self.params.items() if n in mine]
         if d.world > 1:
             for p in active:
+                if isinstance(p, DTensor):  # FSDP reduce-scattered it as a mean; we want the sum
+                    if p.grad is not None:
+                        p.grad.mul_(d.world)
+                    continue
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-        gnorm = torch.nn.utils.clip_grad_norm_(active, t.grad_clip) if t.grad_clip > 0 else torch.tensor(0.0)
+        gnorm = clip_grad_norm(active, t.grad_clip, d) if t.grad_clip > 0 else 0.0
         kept = self._snapshot_other_rows(grp)
         self.optimizer.step()
         self._restore_rows(kept)
@@ -371,7 +429,7 @@ class Trainer:
         loss_mean = all_reduce_sum(loss_total, d).item() / max(total_tok, 1.0)
         n_tokens = all_reduce_sum(torch.tensor(float(sum(b.tokens.numel() for b in micro)), device=self.device), d).item()
         return {"step": step + 1, "stream": grp, "loss": loss_mean, "lr": self.scheduler.get_last_lr()[0],
-                "grad_norm": float(gnorm), "tokens": int(n_tokens), "supervised_tokens": int(total_tok)}
+                "grad_norm": gnorm, "tokens": int(n_tokens), "supervised_tokens": int(total_tok)}
 
     def _snapshot_other_rows(self, grp: str) -> list:
         """Rows of a row-split tensor that belong to another group: keep value and AdamW state."""
@@ -399,15 +457,20 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------
 
     def tensors_to_save(self) -> dict[str, torch.Tensor]:
+        """Full tensors (FSDP shards gathered: every rank must call this)."""
         keep = set(self.params) | self.initial
-        return {n: p.detach() for n, p in self.model.named_parameters() if n in keep}
+        return {n: full_tensor(p.detach()) for n, p in self.model.named_parameters() if n in keep}
 
     def save(self, complete: bool, summary: dict[str, Any]) -> None:
+        tensors = self.tensors_to_save()  # collectives under FSDP: all ranks take part
+        opt_state = self.optimizer.state_dict()
+        opt_state = {**opt_state, "state": {i: {k: full_tensor(v) for k, v in st.items()}
+                                            for i, st in opt_state["state"].items()}}
         if not self.dist.main:
             return
         state = {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": opt_state,
             "scheduler": self.scheduler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
@@ -421,7 +484,7 @@ class Trainer:
                     "complete": complete, "recipe": self.recipe.to_dict(),
                     "data": {n: len(s.examples) for n, s in self.streams.items()},
                     "groups": dict(self.print_groups())}
-        self.engine.save_adapter(self.out, training=training, tensors=self.tensors_to_save(),
+        self.engine.save_adapter(self.out, training=training, tensors=tensors,
                                  extra_files={STATE_FILE: buf.getvalue(), METRICS_FILE: metrics,
                                               RECIPE_FILE: self.recipe.render_toml().encode()})
         self.last_saved = self.step
@@ -435,8 +498,12 @@ class Trainer:
         with torch.no_grad():
             for n, p in self.model.named_parameters():
                 if n in saved:
-                    p.copy_(saved[n])
-        self.optimizer.load_state_dict(state["optimizer"])
+                    p.copy_(like(saved[n].to(p.dtype), p))
+        opt = state["optimizer"]
+        order = [p for g in self.optimizer.param_groups for p in g["params"]]
+        opt["state"] = {i: {k: like(v, order[int(i)]) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in st.items()}
+                        for i, st in opt["state"].items()}
+        self.optimizer.load_state_dict(opt)
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])

@@ -196,14 +196,22 @@ def test_resume_after_sigkill_between_checkpoints(setup, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_two_processes_equal_one(setup, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    common = ["--recipe", str(ROOT / "recipes/tiny.toml"), "--max-steps", "4"]
-    r = run_cli("train", *common, "--out", str(one), *sets(setup, train__batch_size=4))
+@pytest.fixture(scope="module")
+def one_process_run(setup, tmp_path_factory) -> Path:
+    one = tmp_path_factory.mktemp("one") / "run"
+    r = run_cli("train", "--recipe", str(ROOT / "recipes/tiny.toml"), "--max-steps", "4", "--out", str(one),
+                *sets(setup, train__batch_size=4))
     assert r.returncode == 0, r.stderr
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                "-m", "lav2cli", "train", *common, "--out", str(two), *sets(setup, train__batch_size=2,
-                                                                            train__device='"cpu"')]
+    return one
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_processes_equal_one(setup, tmp_path, one_process_run, fsdp):
+    one, two = one_process_run, tmp_path / "two"
+    common = ["--recipe", str(ROOT / "recipes/tiny.toml"), "--max-steps", "4"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "lav2cli", "train", *common, "--out", str(two),
+                *sets(setup, train__batch_size=2, train__device='"cpu"', train__fsdp=str(fsdp).lower())]
     r = subprocess.run(torchrun, capture_output=True, text=True, env={**ENV, "OMP_NUM_THREADS": "1"}, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = final_tensors(one), final_tensors(two)
@@ -236,3 +244,24 @@ def test_data_without_usable_records(setup, tmp_path):
     r = run_cli("train", "--recipe", str(ROOT / "recipes/tiny.toml"), "--out", str(tmp_path / "run"),
                 *sets(setup), "--set", f'data.instruction="{empty}"')
     assert r.returncode == 1 and "fewer than one batch" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_fsdp_resume_continues_exactly(setup, tmp_path):
+    """Two processes sharding the base (FSDP): stopped, resumed, and equal to an uninterrupted run."""
+    def torchrun(*args: str) -> None:  # --standalone: a free port each time
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "lav2cli", "train", *args]
+        r = subprocess.run(cmd, capture_output=True, text=True, env={**ENV, "OMP_NUM_THREADS": "1"}, cwd=ROOT, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    common = ["--recipe", str(ROOT / "recipes/tiny.toml"), "--max-steps", "6",
+              *sets(setup, train__batch_size=2, train__device='"cpu"', train__fsdp="true", train__checkpoint_every=2,
+                    adapter__lora_rank=4)]
+    full, part = tmp_path / "full", tmp_path / "part"
+    torchrun(*common, "--out", str(full))
+    torchrun(*common, "--out", str(part), "--stop-after", "3")
+    torchrun("--out", str(part), "--resume")
+    a, b = final_tensors(full), final_tensors(part)
+    assert set(a) == set(b) and any(".lora_" in k for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -112,9 +112,10 @@ class AdaptedAttention(_Adapted, Attention):
         return kp, vp
 
     def prompt_attention(self, q, y, prompt_kv):
+        """prompt_kv: (keys, values) computed once per request, or the prompt [B, K, dim] itself."""
         if prompt_kv is None:
             return y
-        kp, vp = prompt_kv
+        kp, vp = self.prompt_kv(prompt_kv) if torch.is_tensor(prompt_kv) else prompt_kv
         if kp.shape[0] != q.shape[0]:
             kp, vp = kp.expand(q.shape[0], -1, -1, -1), vp.expand(q.shape[0], -1, -1, -1)
         # a separate softmax over the K prompt slots: every query sees every slot
@@ -207,15 +208,14 @@ class LlamaAdapterV2(nn.Module):
 
     # -- prompts ----------------------------------------------------------------------------
 
-    def prompt_kv(self, images: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
-                  batch: int = 1) -> list | None:
-        """Per-layer adaption-prompt K/V (None for layers without prompts), for `batch` rows."""
+    def prompts(self, images: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
+                batch: int = 1) -> list | None:
+        """Per-layer adaption prompts [B, K, dim] (None for layers without prompts): the static
+        prompt of each layer, plus the visual tokens in the fusion layers."""
         a = self.adapter
-        if a is None:
+        if a is None or a.prompt_layers == 0:  # no adapter, or a bias/scale/norm-only one
             return None
         n, L, K = self.config.n_layers, a.prompt_layers, a.prompt_len
-        if L == 0:  # bias/scale/norm-only adapter
-            return None
         if images is None and a.text_only_zero_image and self.has_visual and getattr(self, "clip", None) is not None:
             images = self._zero_images(batch)
         vis = self.visual_tokens(images, image_mask) if images is not None and self.has_visual else None
@@ -225,10 +225,16 @@ class LlamaAdapterV2(nn.Module):
             p = queries[i][None]
             if vis is not None and i < a.fusion_layers:
                 p = p + vis.to(p.dtype)
-            else:
-                p = p.expand(vis.shape[0] if vis is not None else batch, -1, -1)
-            out.append(self.llama.layers[n - L + i].attention.prompt_kv(p))
+            out.append(p)  # a static prompt stays [1, K, dim]: its K/V are computed once, then broadcast
         return out
+
+    def prompt_kv(self, images: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
+                  batch: int = 1) -> list | None:
+        """Per-layer prompt keys and values, computed once per request for generation."""
+        ps = self.prompts(images, image_mask, batch)
+        if ps is None:
+            return None
+        return [None if p is None else layer.attention.prompt_kv(p) for p, layer in zip(ps, self.llama.layers)]
 
     # -- forward ----------------------------------------------------------------------------
 
@@ -237,10 +243,10 @@ class LlamaAdapterV2(nn.Module):
                 pad: torch.Tensor | None = None, prompt_kv: list | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """Logits [B, T, vocab] ([B, 1, vocab] with last_only). Pass `prompt_kv` (from
-        `prompt_kv()`) to reuse prompt K/V across decoding steps; otherwise it is computed
-        from `images` here."""
+        `prompt_kv()`) to reuse prompt K/V across decoding steps; otherwise the prompts come
+        from `images` here and each layer projects its own (inside its forward, as FSDP needs)."""
         if prompt_kv is None:
-            prompt_kv = self.prompt_kv(images, image_mask, batch=tokens.shape[0])
+            prompt_kv = self.prompts(images, image_mask, batch=tokens.shape[0])
         return self.llama(tokens, input_pos, pad, prompt_kv, last_only)
 
     def setup_cache(self, batch: int, max_len: int, dtype=None) -> None:
