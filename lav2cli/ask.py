@@ -84,11 +84,11 @@ def check_image_arg(image: str) -> None:
 def run(engine: Engine, image: str, question: str, sampling: Sampling, *, as_json: bool, show_prompt: bool,
         model_name: str, stdin: Iterable[str] = sys.stdin, compile: bool = False, log=None) -> int:
     """Drive `lav2 ask`; returns the exit status (1 when any stdin line failed)."""
-    if image == "-":
-        paths = [line.strip() for line in stdin if line.strip()]
+    if image == "-":  # lazily: each answer is printed before the next line is read
+        paths: Iterable[str | None] = (line.strip() for line in stdin if line.strip())
     else:
         paths = [None if image.lower() == "none" else image]
-    if any(p is not None for p in paths) and not engine.can_see and log is not None:
+    if image.lower() != "none" and not engine.can_see and log is not None:
         log("note: this model has no trained visual branch, so it cannot see the image; "
             "the answer comes from the text alone")
     status = 0

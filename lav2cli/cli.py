@@ -208,9 +208,9 @@ def train(
 
       lav2 train --recipe recipes/tiny.toml --out runs/tiny
 
-      lav2 train --recipe recipes/demo.toml --stage joint --set train.batch_size=8 --out runs/demo
+      lav2 train --recipe recipes/tiny.toml --stage finetune --set train.batch_size=8 --out runs/ft
 
-      lav2 train --out runs/demo --resume
+      lav2 train --out runs/ft --resume
 
       torchrun --nproc_per_node 2 -m lav2cli train --recipe recipes/tiny.toml --out runs/ddp
     """

@@ -306,20 +306,20 @@ def load(ref: str, *, base: str | None = None, clip: str | None = None,
         if meta.get("preprocess"):
             preprocess = ImagePreprocess.from_dict(meta["preprocess"])
         template = meta.get("template") or bw.template
-        files = [path / artifact.WEIGHTS, path / artifact.META]
+        files = [path / artifact.META, path / artifact.WEIGHTS]
         strict = False  # a stage saves only what it trained; the rest keeps its initial values
     elif kind == "official":
         if not base:
             raise Lav2Error(f"{path}: an official LLaMA-Adapter checkpoint needs --base (a Meta or HF LLaMA-7B directory)")
         adapter_cfg, adapter_sd, _ = official.load(path)
-        base_ref = base
+        base_ref = str(Path(base).expanduser().resolve()) if Path(base).expanduser().exists() else base
         bw = load_base_ref(base)
         enc_spec = enc_spec or parse_clip_arg(official.DEFAULT_CLIP)
         preprocess = ImagePreprocess.for_encoder(enc_spec, channel_order="bgr")
         template = "alpaca"
         files = [path]
     else:
-        base_ref = str(ref)
+        base_ref = str(Path(ref).expanduser().resolve()) if path is not None and Path(ref).expanduser().exists() else str(ref)
         bw = load_base_ref(base_ref)
         template = bw.template
         adapter_cfg, enc_spec = adapter, encoder or enc_spec

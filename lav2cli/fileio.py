@@ -20,15 +20,26 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | Path, overwrite: bool = True) -> Iterator[Path]:
+def atomic_dir(final: str | Path, overwrite: bool = True, keep_others: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `final`; on success it replaces `final` in one rename
-    (an existing `final` is moved aside first and removed after). On failure it is removed."""
+    (an existing `final` is moved aside first and removed after). On failure it is removed.
+    keep_others: entries of the old `final` that the new one does not write are carried over
+    (hard links where possible), so files a user put there survive."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
         _normal_modes(tmp)
+        if keep_others and final.is_dir():
+            for entry in final.iterdir():
+                dest = tmp / entry.name
+                if dest.exists() or entry.name.startswith(f".{final.name}."):
+                    continue
+                if entry.is_dir():
+                    shutil.copytree(entry, dest, copy_function=_link_or_copy)
+                else:
+                    _link_or_copy(entry, dest)
         if final.exists():
             if not overwrite:
                 raise FileExistsError(final)
@@ -41,6 +52,13 @@ def atomic_dir(final: str | Path, overwrite: bool = True) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _normal_modes(root: Path) -> None:

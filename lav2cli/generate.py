@@ -27,6 +27,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     if top_p < 1.0:
         sorted_p, idx = probs.sort(dim=-1, descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < top_p  # the smallest set whose mass reaches top_p
+        keep[..., 0] = True  # top_p = 0 means greedy, not an empty set
         sorted_p = sorted_p * keep
         choice = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=generator)
         return idx.gather(-1, choice).squeeze(-1)
@@ -86,7 +87,10 @@ def generate(
     generator = None
     if sampling.temperature > 0:
         generator = torch.Generator(device=device)
-        generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+        if sampling.seed is not None:
+            generator.manual_seed(sampling.seed)
+        else:
+            generator.seed()  # fresh entropy for this generator only; the global RNG is untouched
 
     model.setup_cache(B, total)
     try:

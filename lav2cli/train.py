@@ -246,7 +246,9 @@ def encode_all(engine: Engine, paths: list[str], batch: int = 64) -> torch.Tenso
     from rich.progress import Progress
 
     out = []
-    with Progress(transient=True) as bar, ThreadPoolExecutor(4) as pool:
+    from rich.console import Console
+
+    with Progress(console=Console(stderr=True), transient=True) as bar, ThreadPoolExecutor(4) as pool:
         task = bar.add_task("encoding images", total=len(paths))
         for i in range(0, len(paths), batch):
             ims = list(pool.map(load_image, paths[i:i + batch]))
@@ -420,28 +422,36 @@ class Trainer:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        for p, mask in self._other_rows(grp):
+            if p.grad is not None:
+                p.grad[mask] = 0  # those rows are restored after the step: keep them out of the norm
         gnorm = clip_grad_norm(active, t.grad_clip, d) if t.grad_clip > 0 else 0.0
         kept = self._snapshot_other_rows(grp)
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
         self.optimizer.step()
         self._restore_rows(kept)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss_mean = all_reduce_sum(loss_total, d).item() / max(total_tok, 1.0)
         n_tokens = all_reduce_sum(torch.tensor(float(sum(b.tokens.numel() for b in micro)), device=self.device), d).item()
-        return {"step": step + 1, "stream": grp, "loss": loss_mean, "lr": self.scheduler.get_last_lr()[0],
+        return {"step": step + 1, "stream": grp, "loss": loss_mean, "lr": lr,
                 "grad_norm": gnorm, "tokens": int(n_tokens), "supervised_tokens": int(total_tok)}
 
-    def _snapshot_other_rows(self, grp: str) -> list:
-        """Rows of a row-split tensor that belong to another group: keep value and AdamW state."""
-        kept = []
+    def _other_rows(self, grp: str):
+        """(tensor, row mask) for each row-split tensor's rows that belong to another group."""
         for name, by_group in self.groups.split.items():
             p = self.params[name]
-            own = by_group.get(grp)
             mask = torch.ones(p.shape[0], dtype=torch.bool, device=p.device)
-            if own is not None:
-                mask[own] = False
-            if not mask.any():
-                continue
+            if by_group.get(grp) is not None:
+                mask[by_group[grp]] = False
+            if mask.any():
+                yield p, mask
+
+    def _snapshot_other_rows(self, grp: str) -> list:
+        """Rows of a row-split tensor that belong to another group: keep value and AdamW state.
+        (AdamW's step count of the tensor is shared by its groups: a documented approximation.)"""
+        kept = []
+        for p, mask in self._other_rows(grp):
             state = self.optimizer.state.get(p, {})
             saved = {k: v[mask].clone() for k, v in state.items() if torch.is_tensor(v) and v.shape == p.shape}
             kept.append((p, mask, p.detach()[mask].clone(), saved))
@@ -475,7 +485,6 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
             "streams": {n: s.state() for n, s in self.streams.items()},
-            "total_steps": self.total_steps,
         }
         buf = io.BytesIO()
         torch.save(state, buf)
@@ -507,6 +516,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
+        if torch.cuda.is_available() and len(state["rng"]["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         for n, s in state["streams"].items():
             self.streams[n].restore(s)
         self.step = int(state["step"])
@@ -527,9 +538,12 @@ class Trainer:
         t = self.recipe.train
         end = min(self.total_steps, stop_after) if stop_after else self.total_steps
         start, t0, tokens, last = self.step, time.perf_counter(), 0, {}
+        from rich.console import Console
+
         progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                             TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
-                            disable=not (self.show_progress and self.dist.main), transient=False)
+                            disable=not (self.show_progress and self.dist.main), transient=False,
+                            console=Console(stderr=True))  # stdout carries only the run directory
         with progress:
             task = progress.add_task(f"train {t.stage}", total=self.total_steps, completed=start, status="")
             while self.step < end:
@@ -578,14 +592,24 @@ def prepare_out(out: Path, resume: bool, force: bool) -> None:
     if out.exists() and any(out.iterdir()) and not force:
         raise Lav2Error(f"{out} exists and is not empty: pass --resume to continue it or --force to start over")
     out.mkdir(parents=True, exist_ok=True)
-    for name in (METRICS_FILE,):
+    # --force: the previous run's files go (a crash before the first checkpoint must not leave
+    # its state for --resume to pick up); files of the user's own stay
+    for name in (METRICS_FILE, STATE_FILE, RECIPE_FILE, artifact.WEIGHTS, artifact.META):
         (out / name).unlink(missing_ok=True)
 
 
 def resolve(recipe_path: str | None, overrides: list[str], out: Path, resume: bool) -> Recipe:
     """The recipe to run: the file plus --set overrides, or on --resume the run's saved recipe."""
-    if resume and (out / RECIPE_FILE).is_file():
+    if resume:
+        if not (out / STATE_FILE).is_file():
+            raise Lav2Error(f"--resume: {out} holds no training checkpoint ({STATE_FILE})")
         return load_recipe(out / RECIPE_FILE, overrides)
     if recipe_path is None:
         raise Lav2Error("--recipe is required (or --resume with a run directory)")
-    return load_recipe(recipe_path, overrides)
+    r = load_recipe(recipe_path, overrides)
+    # the saved recipe must work from any directory: paths become absolute
+    for section, key in (("model", "ref"), ("model", "base"), ("data", "image_text"), ("data", "instruction")):
+        value = getattr(getattr(r, section), key)
+        if value and Path(value).expanduser().exists():
+            setattr(getattr(r, section), key, str(Path(value).expanduser().resolve()))
+    return r

@@ -230,3 +230,16 @@ def test_bf16_inference_with_an_adapter_runs_and_tracks_fp32(tmp_path, tiny_llam
 
     ids = bf.generate([[1, 5, 9]], images=bf.image_tensor([Image.new("RGB", (64, 64), "red")]))[0]
     assert isinstance(ids, list)
+
+
+def test_artifact_with_a_lost_tensor_is_refused(tmp_path, meta_dir):
+    from safetensors.torch import load_file, save_file
+
+    eng = engine.load(str(meta_dir), adapter=AdapterConfig(variant="paper", visual=None), device="cpu")
+    eng.save_adapter(tmp_path / "run")
+    f = tmp_path / "run" / "adapter.safetensors"
+    sd = load_file(str(f))
+    del sd["adapter_query.weight"]
+    save_file(sd, str(f))
+    with pytest.raises(Lav2Error, match=r"adapter\.safetensors: tensor adapter_query\.weight is missing"):
+        engine.load(str(tmp_path / "run"), device="cpu")

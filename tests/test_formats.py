@@ -481,3 +481,17 @@ def test_smollm2_gguf(smollm2_cache, monkeypatch):
         t = "  Héllo wörld 😀\n\ttabs   and 2024 "
         assert tok.decode(tok.encode(t)) == t
         assert "<|im_start|>" in tok.chat_template
+
+
+def test_hf_rope_parameters_of_transformers_5(tmp_path):
+    """transformers >= 5 stores rope_theta inside rope_parameters; scaled variants are refused."""
+    from lav2cli.errors import Lav2Error
+    from lav2cli.formats.hf import config_from_hf
+
+    cfg = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "intermediate_size": 96, "vocab_size": 300,
+           "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}
+    assert config_from_hf(cfg, tmp_path).rope_theta == 100000.0
+    cfg["rope_parameters"] = {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0}
+    with pytest.raises(Lav2Error, match="rope_type 'llama3'"):
+        config_from_hf(cfg, tmp_path)

@@ -211,3 +211,16 @@ def test_compiled_decoding_equals_eager_and_shares_one_graph():
         assert generate(model, [prompt], stop_ids=frozenset(), pad_id=0, sampling=s, compile=True) == eager
     counters = torch._dynamo.utils.counters["stats"]
     assert counters["unique_graphs"] == 1, dict(counters)
+
+
+def test_sampling_edge_cases_leave_the_global_rng_alone():
+    from lav2cli.generate import sample_next
+
+    logits = torch.tensor([[0.1, 3.0, 0.2, 2.9]])
+    assert sample_next(logits, 1.0, 0.0, torch.Generator().manual_seed(0)).tolist() == [1]  # top_p 0 = greedy
+    _, model = adapted("paper")
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    generate(model, [[5, 6]], stop_ids=frozenset(), pad_id=0, sampling=Sampling(4, 0.8, 0.9))  # no seed given
+    assert torch.equal(torch.rand(3), expected)

@@ -106,6 +106,7 @@ def test_finetune_loss_falls_and_saves_exactly_the_instruction_group(setup, tmp_
     r = run_cli("train", "--recipe", str(ROOT / "recipes/tiny.toml"), "--stage", "finetune", "--out", str(out),
                 "--max-steps", "10", *sets(setup, adapter__lora_rank=4))
     assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(out)  # progress and tables go to stderr; stdout is the result
     ls = losses(out)
     assert ls[-1] < 0.7 * ls[0], ls
     saved = set(load_file(str(out / "adapter.safetensors")))
@@ -162,8 +163,10 @@ def test_resume_continues_exactly(setup, tmp_path):
     assert run_cli("train", *common, "--out", str(full), "--max-steps", "6").returncode == 0
     assert run_cli("train", *common, "--out", str(part), "--max-steps", "6", "--stop-after", "4").returncode == 0
     assert json.loads((part / "lav2.json").read_text())["training"]["step"] == 4
+    (part / "notes.txt").write_text("mine")  # a user's file in the run directory survives checkpoints
     r = run_cli("train", "--out", str(part), "--resume", "--max-steps", "6")
     assert r.returncode == 0, r.stderr
+    assert (part / "notes.txt").read_text() == "mine"
     a, b = final_tensors(full), final_tensors(part)
     assert set(a) == set(b)
     for k in a:

@@ -28,8 +28,9 @@ def save(out_dir: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, 
          extra_files: dict[str, bytes] | None = None) -> Path:
     """Write the artifact atomically (temporary directory, then rename)."""
     out_dir = Path(out_dir)
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "lav2_version": __version__, **meta}
-    with atomic_dir(out_dir) as tmp:
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "lav2_version": __version__, **meta,
+            "tensors": sorted(tensors)}  # loading requires exactly these: a lost tensor is an error
+    with atomic_dir(out_dir, keep_others=True) as tmp:  # files a user added (eval outputs) survive
         save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS))
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
         for name, data in (extra_files or {}).items():
@@ -55,6 +56,15 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     if not f.is_file():
         raise Lav2Error(f"{f}: missing")
     try:
-        return load_file(str(f))
+        tensors = load_file(str(f))
     except Exception as e:
         raise Lav2Error(f"{f}: unreadable safetensors ({str(e).splitlines()[0]})") from e
+    listed = read_meta(path).get("tensors")
+    if listed is not None:  # written by lav2 >= 0.1: the file must hold exactly what was saved
+        missing, extra = sorted(set(listed) - set(tensors)), sorted(set(tensors) - set(listed))
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise Lav2Error(f"{f}: tensor {missing[0]} is missing{more}; lav2.json lists it")
+        if extra:
+            raise Lav2Error(f"{f}: tensor {extra[0]} is not listed in lav2.json")
+    return tensors

@@ -139,6 +139,11 @@ def config_from_hf(cfg: dict[str, Any], where: Path) -> LlamaConfig:
             raise Lav2Error(f"{where}: missing or non-integer '{k}'")
     if cfg.get("rope_scaling"):
         raise Lav2Error(f"{where}: rope_scaling {cfg['rope_scaling']} is not supported (plain RoPE only)")
+    # transformers >= 5 writes rope_parameters {"rope_theta", "rope_type"} instead of rope_theta
+    rope = cfg.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise Lav2Error(f"{where}: rope_type {rope['rope_type']!r} is not supported (plain RoPE only)")
+    theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     if cfg.get("hidden_act", "silu") != "silu":
         raise Lav2Error(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (silu only)")
     c = LlamaConfig(
@@ -149,7 +154,7 @@ def config_from_hf(cfg: dict[str, Any], where: Path) -> LlamaConfig:
         vocab_size=cfg["vocab_size"],
         hidden_dim=cfg["intermediate_size"],
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        rope_theta=theta,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         max_seq_len=int(cfg.get("max_position_embeddings", 2048)),
     )

@@ -85,6 +85,11 @@ class OpenClipEncoder(nn.Module):
             kwargs["pretrained"] = pretrained
             if not Path(pretrained).is_file() and pretrained not in open_clip.list_pretrained_tags_by_model(name):
                 raise Lav2Error(f"open_clip model '{name}' has no pretrained tag '{pretrained}' and no such file")
+            # OpenAI's weights were trained with QuickGELU; open_clip only warns when the name lacks
+            # "-quickgelu", so follow the tag (a weights file: name the -quickgelu model yourself)
+            if not Path(pretrained).is_file() and open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu"):
+                kwargs["force_quick_gelu"] = True
+        self.quick_gelu = name.endswith("-quickgelu") or bool(kwargs.get("force_quick_gelu"))
         try:
             model = open_clip.create_model(name, **kwargs)
         except Exception as e:  # offline hub look-ups and bad files end up here
@@ -93,7 +98,6 @@ class OpenClipEncoder(nn.Module):
         self.image_size = int(self.visual.image_size[0] if isinstance(self.visual.image_size, tuple) else self.visual.image_size)
         proj = getattr(self.visual, "proj", None)
         self.out_dim = proj.shape[1] if proj is not None else self.visual.transformer.width
-        self.quick_gelu = bool(getattr(model, "quick_gelu", False))
         self.requires_grad_(False).eval()
 
     @torch.no_grad()
