@@ -10,7 +10,6 @@ frozen weights need no weight gradients).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch

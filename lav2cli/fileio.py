@@ -11,6 +11,24 @@ from pathlib import Path
 from typing import Iterator
 
 
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """Where lav2 keeps conversions and feature caches: `cache_dir`, $LAV2_CACHE,
+    $XDG_CACHE_HOME/lav2 or ~/.cache/lav2."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if os.environ.get("LAV2_CACHE"):
+        return Path(os.environ["LAV2_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "lav2"
+
+
+def file_mode(directory: bool = False) -> int:
+    """The mode a plain open()/mkdir() would give under the current umask (mkstemp's are private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -63,11 +81,9 @@ def _link_or_copy(src, dst) -> None:
 
 def _normal_modes(root: Path) -> None:
     """mkdtemp (and some writers) create private files; give them the usual umask modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    root.chmod(0o777 & ~umask)
+    root.chmod(file_mode(directory=True))
     for p in root.rglob("*"):
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+        p.chmod(file_mode(p.is_dir()))
 
 
 @contextlib.contextmanager
@@ -79,9 +95,7 @@ def atomic_file(final: str | Path, mode: str = "w") -> Iterator:
     try:
         with os.fdopen(fd, mode) as f:
             yield f
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's files are private; use the usual mode
+        os.chmod(tmp, file_mode())  # mkstemp's files are private; use the usual mode
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

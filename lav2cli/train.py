@@ -220,7 +220,7 @@ def feature_cache(engine: Engine, paths: list[str], log: Callable[[str], None]) 
 
     from safetensors.torch import load_file, save_file
 
-    from lav2cli.formats.gguf import cache_root
+    from lav2cli.fileio import cache_root
 
     paths = sorted(set(paths))
     h = hashlib.sha256(json.dumps([engine.config.encoder, engine.config.preprocess.to_dict()]).encode())

@@ -459,7 +459,7 @@ def test_smollm2_gguf(smollm2_cache, monkeypatch):
         raise AssertionError("the GGUF was read again")
 
     monkeypatch.setattr(gguf_pkg, "GGUFReader", boom)
-    monkeypatch.setattr(gguf_fmt, "_sha256_file", boom)
+    monkeypatch.setattr(gguf_fmt, "sha256_file", boom)
     t0 = time.process_time()
     bw2 = load_base(path, cache_dir=smollm2_cache)
     t_second = time.process_time() - t0

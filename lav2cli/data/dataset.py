@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from lav2cli.data.records import Record, read_records
+from lav2cli.data.records import read_records
 from lav2cli.errors import Lav2Error
 from lav2cli.templates import IGNORE_INDEX, Template
 from lav2cli.tokenizer import Tokenizer

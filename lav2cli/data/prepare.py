@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterable, Iterator, Union
 from lav2cli import __version__
 from lav2cli.data.records import KINDS, Record
 from lav2cli.errors import Lav2Error
+from lav2cli.fileio import file_mode, sha256_file
 
 CAPTION_INSTRUCTION = "Generate caption of this image"
 
@@ -144,12 +145,12 @@ class Job:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise Lav2Error(f"{path}: no such file")
-        self.inputs.append({"path": os.path.abspath(path), "sha256": _sha256(path)})
+        self.inputs.append({"path": os.path.abspath(path), "sha256": sha256_file(path)})
         return path
 
     def add_tree(self, root: str, files: list[str]) -> None:
         """Register many files as one input: SHA-256 over sorted ``relative path, file SHA-256`` lines."""
-        lines = sorted(f"{os.path.relpath(f, root)}\t{_sha256(f)}\n" for f in files)
+        lines = sorted(f"{os.path.relpath(f, root)}\t{sha256_file(f)}\n" for f in files)
         digest = hashlib.sha256("".join(lines).encode()).hexdigest()
         self.inputs.append({"path": os.path.abspath(root), "sha256": digest, "files": len(files)})
 
@@ -209,14 +210,6 @@ def _parse_json(path: str) -> Any:
             raise Lav2Error(f"{path}:{e.lineno}: {MALFORMED_JSON} ({e.msg})") from None
         except UnicodeDecodeError:
             raise Lav2Error(f"{path}: not UTF-8 text") from None
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_image(path: str) -> tuple[str, str] | None:
@@ -292,6 +285,7 @@ def _write_atomic(contents: list[tuple[str, Iterable[str]]]) -> None:
         for path, chunks in contents:
             folder, name = os.path.split(os.path.abspath(path))
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+            os.chmod(tmp, file_mode())  # mkstemp's files are private; records are not
             temps.append((tmp, path))
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.writelines(chunks)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from lav2cli.errors import Lav2Error
+from lav2cli.fileio import atomic_file, cache_root, sha256_file
 from lav2cli.formats import BaseWeights
 from lav2cli.formats.base import check_state_dict
 from lav2cli.model.config import LlamaConfig
@@ -87,34 +88,9 @@ def detect(path: str | Path) -> bool:
         return False
 
 
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    if os.environ.get("LAV2_CACHE"):
-        return Path(os.environ["LAV2_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "lav2"
-
-
-def _sha256_file(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _key_file(root: Path, p: Path, st: os.stat_result) -> Path:
     k = hashlib.sha1(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
     return root / "keys" / f"{k}.json"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 # --- reading the GGUF ----------------------------------------------------------------------
@@ -313,7 +289,7 @@ def load(path: str | Path, cache_dir: str | Path | None = None) -> BaseWeights:
             return _load_entry(root / sha, p)
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    sha = _sha256_file(p)
+    sha = sha256_file(p)
     entry = root / sha
     if _entry_ok(entry):
         _remember(key, p, st, sha)
@@ -334,8 +310,8 @@ def load(path: str | Path, cache_dir: str | Path | None = None) -> BaseWeights:
 
 
 def _remember(key: Path, p: Path, st: os.stat_result, sha: str) -> None:
-    _write_atomic(key, json.dumps({"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                                   "sha256": sha}) + "\n")
+    with atomic_file(key) as f:
+        f.write(json.dumps({"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}) + "\n")
 
 
 # --- writing (tests, small exports) --------------------------------------------------------
