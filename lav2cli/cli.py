@@ -201,6 +201,7 @@ def train(
     max_steps: int | None = typer.Option(None, help="Stop after this many optimiser steps (overrides train.max_steps)."),
     force: bool = typer.Option(False, "--force", help="Start over in a non-empty --out."),
     stop_after: int | None = typer.Option(None, help="Checkpoint and exit after this many steps in all; the schedule stays the full run's (continue with --resume)."),
+    fsdp: bool = typer.Option(False, "--fsdp", help="Under torchrun: shard the frozen base's blocks across the processes (train.fsdp)."),
 ) -> None:
     """Train the adapter: stage pretrain (image-text), finetune (instructions) or joint (both).
 
@@ -213,6 +214,8 @@ def train(
       lav2 train --out runs/ft --resume
 
       torchrun --nproc_per_node 2 -m lav2cli train --recipe recipes/tiny.toml --out runs/ddp
+
+      torchrun --nproc_per_node 8 -m lav2cli train --recipe recipes/llama7b-joint.toml --fsdp --out runs/7b
     """
     from pathlib import Path
 
@@ -225,6 +228,8 @@ def train(
         overrides.append(f"train.stage={stage}")
     if max_steps is not None:
         overrides.append(f"train.max_steps={max_steps}")
+    if fsdp:
+        overrides.append("train.fsdp=true")
     out_dir = Path(out)
     r = train_mod.resolve(recipe, overrides, out_dir, resume)
     train_mod.prepare_out(out_dir, resume, force)
@@ -544,7 +549,7 @@ def info(
         for name, desc in known_models():
             print(f"{name}\t{desc}")
         return
-    engine = _load_engine(ref, base, clip, "cpu", "float32")
+    engine = _load_engine(ref, base, clip, "cpu", "bfloat16")  # counts only: half the memory of fp32
     data = info_mod.describe(engine)
     if as_json:
         print(json.dumps(data))

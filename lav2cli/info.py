@@ -8,10 +8,10 @@ from lav2cli.engine import Engine
 from lav2cli.model.adapter import is_adapter_param
 
 
-def _group(name: str) -> str:
+def _group(name: str, has_adapter: bool = True) -> str:
     if name.startswith("clip."):
         return "image encoder (frozen)"
-    if not is_adapter_param(name):
+    if not has_adapter or not is_adapter_param(name):
         return "base LLaMA (frozen)"
     if name.startswith(("clip_proj", "visual_")):
         return "adapter: visual branch"
@@ -29,8 +29,10 @@ def _group(name: str) -> str:
 def describe(engine: Engine) -> dict[str, Any]:
     cfg = engine.config
     counts: dict[str, int] = {}
+    has_adapter = cfg.adapter is not None
     for n, p in engine.model.named_parameters():
-        counts[_group(n)] = counts.get(_group(n), 0) + p.numel()
+        g = _group(n, has_adapter)
+        counts[g] = counts.get(g, 0) + p.numel()
     adapter_total = sum(v for k, v in counts.items() if k.startswith("adapter"))
     files = [{"path": str(f), "bytes": f.stat().st_size if f.exists() else None} for f in cfg.files]
     out: dict[str, Any] = {

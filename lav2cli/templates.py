@@ -69,9 +69,15 @@ class Template:
                        max_tokens: int | None = None) -> tuple[list[int], list[int]]:
         """Token ids and labels: prompt tokens masked (IGNORE_INDEX), response + end supervised."""
         prompt = self.encode_prompt(tok, instruction, input)
-        # encoded apart from the prompt, so the mask boundary is exact (sentencepiece's dummy
-        # prefix supplies the space after "### Response:")
-        response = tok.encode(output.strip()) + self.end_ids(tok)
+        text = self.prompt(instruction, input)
+        # prompt and response tokenised together, as the official data pipeline does (the response
+        # follows "### Response:" directly); apart only if the joint tokens do not start with
+        # the prompt's, so the mask boundary is always exact
+        joint = tok.encode(text + output.strip(), bos=self.add_bos)
+        if joint[: len(prompt)] == prompt and len(joint) > len(prompt):
+            response = joint[len(prompt):] + self.end_ids(tok)
+        else:
+            response = tok.encode(output.strip()) + self.end_ids(tok)
         ids = prompt + response
         labels = [IGNORE_INDEX] * len(prompt) + response
         if max_tokens is not None:

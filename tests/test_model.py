@@ -224,3 +224,19 @@ def test_sampling_edge_cases_leave_the_global_rng_alone():
     torch.manual_seed(123)
     generate(model, [[5, 6]], stop_ids=frozenset(), pad_id=0, sampling=Sampling(4, 0.8, 0.9))  # no seed given
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_examples_tokenise_prompt_and_response_together(spm_model_path):
+    """The response follows the prompt in one tokenisation (as the official pipeline does), the
+    prompt is masked, the response and EOS are supervised."""
+    from lav2cli.templates import IGNORE_INDEX, get_template
+    from lav2cli.tokenizer import SentencePieceTokenizer
+
+    tok = SentencePieceTokenizer(spm_model_path)
+    tpl = get_template("alpaca")
+    ids, labels = tpl.encode_example(tok, "name a color", "", "the red cat")
+    prompt = tpl.encode_prompt(tok, "name a color")
+    assert ids[: len(prompt)] == prompt and ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+    assert labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt) and labels[len(prompt):] == ids[len(prompt):]
+    assert ids[:-1] == tok.encode(tpl.prompt("name a color") + "the red cat", bos=True)
+    assert tok.decode(ids[len(prompt):-1]).strip() == "the red cat"
