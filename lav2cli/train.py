@@ -353,7 +353,12 @@ class Trainer:
         if not paths:
             return None
         if self.recipe.data.feature_cache:
+            shared = self.dist.world > 1  # rank 0 encodes and writes the cache; the others then read it
+            if shared and not self.dist.main:
+                dist.barrier()
             cache = feature_cache(eng, paths, self.log if self.dist.main else (lambda m: None))
+            if shared and self.dist.main:
+                dist.barrier()
             return lambda p: cache[p].float()
         transform = eng.image_transform
         return lambda p: transform(load_image(p))
