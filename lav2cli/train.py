@@ -30,7 +30,6 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from lav2cli.data.dataset import Batch, Stream, collate, load_examples
@@ -386,15 +385,10 @@ class Trainer:
     def loss_sum(self, batch: Batch) -> tuple[torch.Tensor, int]:
         """Summed cross-entropy over supervised tokens; only those rows of the hidden states go
         through the vocabulary projection (memory-lean)."""
-        m = self.model
         ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
         with ctx:
-            prompts = m.prompts(batch.images, batch.image_mask, batch=batch.tokens.shape[0])
-            h = m.llama.hidden(batch.tokens, prompt_kv=prompts)
-            targets = batch.labels[:, 1:]
-            keep = targets != IGNORE_INDEX
-            logits = F.linear(h[:, :-1][keep], m.llama.head_weight())
-        return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
+            sums, counts = self.model.response_nll(batch.tokens, batch.labels, batch.images, batch.image_mask)
+        return sums.sum(), int(counts.sum())
 
     def train_step(self, step: int) -> dict[str, Any]:
         t, d = self.recipe.train, self.dist

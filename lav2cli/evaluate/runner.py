@@ -162,27 +162,18 @@ def _losses(engine, units: list[T.Unit]) -> list[tuple[float, int]]:
     """(mean loss over response tokens, response tokens) per unit: the labels of
     templates.encode_example (prompt masked), teacher forcing, right padding."""
     import torch
-    import torch.nn.functional as F
 
-    from lav2cli.templates import IGNORE_INDEX
+    from lav2cli.data.dataset import Example, collate
 
     tpl, tok = engine.template, engine.tokenizer
     max_len = engine.config.llama.max_seq_len
-    pairs = [tpl.encode_example(tok, u.instruction, u.input, u.references[0], max_tokens=max_len) for u in units]
-    width = max(len(i) for i, _ in pairs)
-    tokens = torch.full((len(pairs), width), tok.pad_id, dtype=torch.long)
-    labels = torch.full((len(pairs), width), IGNORE_INDEX, dtype=torch.long)
-    for r, (i, lab) in enumerate(pairs):
-        tokens[r, :len(i)] = torch.tensor(i)
-        labels[r, :len(lab)] = torch.tensor(lab)
+    examples = [Example(*tpl.encode_example(tok, u.instruction, u.input, u.references[0], max_tokens=max_len), None)
+                for u in units]
+    batch = collate(examples, tok.pad_id, image_fn=None)  # right-padded, the training layout
     images, mask = _image_batch(engine, units)
     with torch.no_grad():
-        logits = engine.model(tokens.to(engine.device), images, mask).float()
-    target = labels[:, 1:].to(engine.device)
-    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
-                          ignore_index=IGNORE_INDEX, reduction="none").view(target.shape)
-    counts = (target != IGNORE_INDEX).sum(1)
-    sums = nll.sum(1)
+        sums, counts = engine.model.response_nll(batch.tokens.to(engine.device), batch.labels.to(engine.device),
+                                                 images, mask)
     return [(float(s) / int(c) if int(c) else 0.0, int(c)) for s, c in zip(sums.tolist(), counts.tolist())]
 
 

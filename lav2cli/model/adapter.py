@@ -249,6 +249,21 @@ class LlamaAdapterV2(nn.Module):
             prompt_kv = self.prompts(images, image_mask, batch=tokens.shape[0])
         return self.llama(tokens, input_pos, pad, prompt_kv, last_only)
 
+    def response_nll(self, tokens: torch.Tensor, labels: torch.Tensor, images: torch.Tensor | None = None,
+                     image_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token NLL per row over the supervised positions (labels != IGNORE_INDEX),
+        and their counts. Only those positions go through the vocabulary projection, so the
+        [B, T, vocab] logits never exist (training and `eval text` share this)."""
+        from lav2cli.templates import IGNORE_INDEX
+
+        h = self.llama.hidden(tokens, prompt_kv=self.prompts(images, image_mask, batch=tokens.shape[0]))
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = F.linear(h[:, :-1][keep], self.llama.head_weight())
+        nll = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+        sums = torch.zeros(tokens.shape[0], device=nll.device, dtype=nll.dtype)
+        return sums.index_add(0, keep.nonzero()[:, 0], nll), keep.sum(1)
+
     def setup_cache(self, batch: int, max_len: int, dtype=None) -> None:
         self.llama.setup_cache(batch, max_len, dtype)
 
