@@ -564,8 +564,12 @@ class Trainer:
                 if t.checkpoint_every > 0 and self.step % t.checkpoint_every == 0 and self.step < self.total_steps:
                     self.save(False, self._summary(last, tokens, t0))
         self.save(self.step >= self.total_steps, self._summary(last, tokens, t0))
+        self.pool.shutdown()
         if self.dist.world > 1:
+            # leave together and tear the process group down: a rank that exits with gloo's
+            # threads still running aborts ("terminate called without an active exception")
             dist.barrier()
+            dist.destroy_process_group()
         return RunInfo(self.out, self.step, last.get("loss", float("nan")), last.get("tokens_per_s", 0.0),
                        time.perf_counter() - t0)
 
