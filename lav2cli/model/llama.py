@@ -203,16 +203,3 @@ class Transformer(nn.Module):
         if last_only:  # generation needs only the next-token logits: skip the vocab matmul elsewhere
             h = h[:, -1:]
         return F.linear(h, self.head_weight().to(h.dtype))
-
-
-def base_param_names(config: LlamaConfig) -> list[str]:
-    """Every tensor name a base checkpoint must provide (Meta names)."""
-    names = ["tok_embeddings.weight", "norm.weight"]
-    if not config.tie_embeddings:
-        names.append("output.weight")
-    for i in range(config.n_layers):
-        p = f"layers.{i}."
-        names += [p + f"attention.{w}.weight" for w in ("wq", "wk", "wv", "wo")]
-        names += [p + f"feed_forward.{w}.weight" for w in ("w1", "w2", "w3")]
-        names += [p + "attention_norm.weight", p + "ffn_norm.weight"]
-    return names

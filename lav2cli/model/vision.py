@@ -165,11 +165,6 @@ class TimmEncoder(nn.Module):
         fmap = self.net.forward_features(pixels.to(next(self.net.parameters()).dtype))
         return fmap.flatten(2).transpose(1, 2)
 
-    @torch.no_grad()
-    def classify(self, pixels: torch.Tensor) -> torch.Tensor:
-        """ImageNet class probabilities [B, 1000] (the caption expert uses them)."""
-        return self.net(pixels.to(next(self.net.parameters()).dtype)).float().softmax(-1)
-
     def train(self, mode: bool = True) -> "TimmEncoder":
         return super().train(False)
 
