@@ -12,14 +12,22 @@ from lav2cli.errors import Lav2Error
 
 app = typer.Typer(
     name="lav2",
-    help="LLaMA-Adapter V2 from the shell: prepare data, train adapters, merge, evaluate, ask.",
+    help="LLaMA-Adapter V2 from the shell: prepare data, train adapters, merge, evaluate, ask.\n\n"
+         "Examples:\n\n"
+         "  lav2 ask none \"What is the capital of France?\" --temperature 0\n\n"
+         "  lav2 prepare easyvqa --kind vqa --out data/easyvqa/vqa.jsonl\n\n"
+         "  lav2 train --recipe recipes/tiny.toml --out runs/tiny\n\n"
+         "  lav2 ask photo.png \"What shape is this?\" --model runs/tiny",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 prepare_app = typer.Typer(
-    help="Convert a dataset into lav2 records (JSON lines) plus a manifest.",
+    help="Convert a dataset into lav2 records (JSON lines) plus a manifest.\n\n"
+         "Examples:\n\n"
+         "  lav2 prepare easyvqa --kind caption --split train --out data/easyvqa/captions.jsonl\n\n"
+         "  lav2 prepare coco --annotations captions_train2017.json --images train2017 --out data/coco.jsonl",
     no_args_is_help=True,
 )
 app.add_typer(prepare_app, name="prepare")
@@ -256,7 +264,10 @@ def train(
 # --- eval (lav2cli/evaluate) ----------------------------------------------------------------
 
 eval_app = typer.Typer(
-    help="Score a model on VQA, COCO-style captions, MME or held-out text; predictions as JSON lines.",
+    help="Score a model on VQA, COCO-style captions, MME or held-out text; predictions as JSON lines.\n\n"
+         "Examples:\n\n"
+         "  lav2 eval vqa --data data/easyvqa/test.jsonl --model runs/tiny --out runs/tiny/vqa.jsonl --limit 64\n\n"
+         "  lav2 eval caption --data karpathy-test.jsonl --predictions coco.jsonl --json",
     no_args_is_help=True,
 )
 app.add_typer(eval_app, name="eval")
@@ -387,7 +398,10 @@ def merge(
 
 # --- bench (lav2cli/bench.py) ---------------------------------------------------------------
 
-bench_app = typer.Typer(help="Throughput on random weights of a named shape (tiny, smollm2-135m, llama-7b, llama-13b).",
+bench_app = typer.Typer(help="Throughput on random weights of a named shape (tiny, smollm2-135m, llama-7b, llama-13b).\n\n"
+                             "Examples:\n\n"
+                             "  lav2 bench decode --shape llama-7b --compile\n\n"
+                             "  lav2 bench train --shape smollm2-135m --device cpu --batch 2 --seq 128 --json",
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 

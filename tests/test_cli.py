@@ -89,6 +89,7 @@ def test_info_json_describes_the_base():
 
 
 def test_help_has_examples():
-    for cmd in ("ask", "info"):
-        r = lav2(cmd, "--help")
-        assert r.returncode == 0 and "Examples" in r.stdout
+    for cmd in ([], ["ask"], ["info"], ["train"], ["merge"], ["prepare"], ["prepare", "coco"], ["eval"],
+                ["eval", "vqa"], ["bench"], ["bench", "decode"]):
+        r = lav2(*cmd, "--help")
+        assert r.returncode == 0 and "Examples" in r.stdout, cmd
