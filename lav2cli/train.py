@@ -212,12 +212,13 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float, d: "Dist") -> fl
 # -- images ------------------------------------------------------------------------------------
 
 
-def feature_cache(engine: Engine, paths: list[str], log: Callable[[str], None]) -> dict[str, torch.Tensor]:
-    """Encoder features for every image, computed once and cached on disk (fp16) under a key of
-    the encoder, the preprocessing and the images' paths, sizes and times."""
+def feature_cache(engine: Engine, paths: list[str], log: Callable[[str], None]) -> Callable[[str], torch.Tensor]:
+    """Encoder features for every image, computed once into a memory-mapped fp16 array on disk
+    (keyed by the encoder, the preprocessing and the images' paths, sizes and times) and read
+    back lazily: neither encoding nor training holds all features in RAM."""
     import hashlib
 
-    from safetensors.torch import load_file, save_file
+    import numpy as np
 
     from lav2cli.fileio import cache_root
 
@@ -226,35 +227,42 @@ def feature_cache(engine: Engine, paths: list[str], log: Callable[[str], None]) 
     for p in paths:
         st = os.stat(p)
         h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    f = cache_root() / "features" / f"{h.hexdigest()[:32]}.safetensors"
+    f = cache_root() / "features" / f"{h.hexdigest()[:32]}.npy"
     if f.is_file():
-        feats = load_file(str(f))["features"]
         log(f"image features: {len(paths)} images from the cache {f}")
     else:
-        feats = encode_all(engine, paths)
         f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_name(f"{f.stem}.{os.getpid()}.tmp")  # written aside, renamed when complete
-        save_file({"features": feats.contiguous()}, str(tmp))
-        os.replace(tmp, f)
+        tmp = f.with_name(f"{f.stem}.{os.getpid()}.tmp.npy")  # written aside, renamed when complete
+        try:
+            encode_all(engine, paths, tmp)
+            os.replace(tmp, f)
+        finally:
+            tmp.unlink(missing_ok=True)
         log(f"image features: {len(paths)} images encoded and cached in {f}")
-    return {p: feats[i] for i, p in enumerate(paths)}
+    feats = np.load(f, mmap_mode="r")
+    index = {p: i for i, p in enumerate(paths)}
+    return lambda p: torch.from_numpy(np.array(feats[index[p]], dtype=np.float32))
 
 
 @torch.no_grad()
-def encode_all(engine: Engine, paths: list[str], batch: int = 64) -> torch.Tensor:
+def encode_all(engine: Engine, paths: list[str], out: Path, batch: int = 64) -> None:
+    """Encode every image into the .npy file `out` ([N, tokens, dim] fp16), batch by batch."""
+    import numpy as np
+    from rich.console import Console
     from rich.progress import Progress
 
-    out = []
-    from rich.console import Console
-
+    array = None
     with Progress(console=Console(stderr=True), transient=True) as bar, ThreadPoolExecutor(4) as pool:
         task = bar.add_task("encoding images", total=len(paths))
         for i in range(0, len(paths), batch):
             ims = list(pool.map(load_image, paths[i:i + batch]))
-            px = engine.image_tensor(ims)
-            out.append(engine.model.encode_images(px).to("cpu", torch.float16))
+            feats = engine.model.encode_images(engine.image_tensor(ims)).to("cpu", torch.float16).numpy()
+            if array is None:
+                array = np.lib.format.open_memmap(out, mode="w+", dtype=np.float16, shape=(len(paths), *feats.shape[1:]))
+            array[i:i + len(ims)] = feats
             bar.advance(task, len(ims))
-    return torch.cat(out)
+    array.flush()
+    del array
 
 
 # -- the trainer -------------------------------------------------------------------------------
@@ -355,10 +363,10 @@ class Trainer:
             shared = self.dist.world > 1  # rank 0 encodes and writes the cache; the others then read it
             if shared and not self.dist.main:
                 dist.barrier()
-            cache = feature_cache(eng, paths, self.log if self.dist.main else (lambda m: None))
+            read = feature_cache(eng, paths, self.log if self.dist.main else (lambda m: None))
             if shared and self.dist.main:
                 dist.barrier()
-            return lambda p: cache[p].float()
+            return read
         transform = eng.image_transform
         return lambda p: transform(load_image(p))
 
