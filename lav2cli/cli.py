@@ -307,38 +307,36 @@ def eval_vqa(
     _eval.run("vqa", **locals())
 
 
-@eval_app.command("caption")
-def eval_caption(
-    data: _EData, model: _EModel = None, base: _EBase = None, clip: _EClip = None, out: _EOut = None,
-    batch_size: _EBatch = 8, limit: _ELimit = None, as_json: _EJson = False, max_new_tokens: _EMaxNew = None,
-    device: _EDevice = "auto", dtype: _EDtype = "auto", predictions: _EPred = None,
-) -> None:
-    """BLEU-1..4 and CIDEr-D over all reference captions of each image (COCO caption evaluation).
+def _scoring_command(task: str, doc: str) -> None:
+    """Register `lav2 eval TASK` for the tasks that need nothing beyond the common options."""
+
+    def command(
+        data: _EData, model: _EModel = None, base: _EBase = None, clip: _EClip = None, out: _EOut = None,
+        batch_size: _EBatch = 8, limit: _ELimit = None, as_json: _EJson = False, max_new_tokens: _EMaxNew = None,
+        device: _EDevice = "auto", dtype: _EDtype = "auto", predictions: _EPred = None,
+    ) -> None:
+        _eval.run(task, **{k: v for k, v in locals().items() if k != "task"})
+
+    command.__doc__ = doc
+    eval_app.command(task)(command)
+
+
+_scoring_command("caption", """BLEU-1..4 and CIDEr-D over all reference captions of each image (COCO caption evaluation).
 
     Examples:
 
       lav2 eval caption --data data/karpathy-test.jsonl --model runs/joint --out runs/joint/coco.jsonl
 
       lav2 eval caption --data data/karpathy-test.jsonl --predictions runs/joint/coco.jsonl --json
-    """
-    _eval.run("caption", **locals())
-
-
-@eval_app.command("mme")
-def eval_mme(
-    data: _EData, model: _EModel = None, base: _EBase = None, clip: _EClip = None, out: _EOut = None,
-    batch_size: _EBatch = 8, limit: _ELimit = None, as_json: _EJson = False, max_new_tokens: _EMaxNew = None,
-    device: _EDevice = "auto", dtype: _EDtype = "auto", predictions: _EPred = None,
-) -> None:
-    """The MME protocol: yes/no parsing, acc and acc+ per subtask, perception and cognition totals.
+    """)
+_scoring_command("mme", """The MME protocol: yes/no parsing, acc and acc+ per subtask, perception and cognition totals.
 
     Examples:
 
       lav2 eval mme --data data/mme.jsonl --model llama-adapter.pth --base llama-7b --out mme.jsonl
 
       lav2 eval mme --data data/mme.jsonl --predictions mme.jsonl --json
-    """
-    _eval.run("mme", **locals())
+    """)
 
 
 @eval_app.command("text")

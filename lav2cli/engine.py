@@ -332,6 +332,8 @@ def load(ref: str, *, base: str | None = None, clip: str | None = None,
         if enc_spec is None:
             raise Lav2Error(f"{ref}: the adapter has a visual branch but no image encoder is recorded; pass --clip")
         encoder = build_encoder(enc_spec)
+        if kind == "base" and not adapter_cfg.visual.encoder_dim:  # a fresh branch sized to its encoder
+            adapter_cfg = replace(adapter_cfg, visual=replace(adapter_cfg.visual, encoder_dim=encoder.out_dim))
         if encoder.out_dim != adapter_cfg.visual.encoder_dim:
             raise Lav2Error(f"image encoder {enc_spec.get('name')} gives {encoder.out_dim}-wide tokens, "
                             f"the adapter's clip_proj expects {adapter_cfg.visual.encoder_dim}")

@@ -168,7 +168,7 @@ def sidecar(model) -> tuple[Any, dict[str, torch.Tensor], list[str]]:
 def load_folded_base(path: str | Path, meta: dict[str, Any]):
     """The folded base of a merged directory (what engine.load uses for a lav2.json with a
     `merged` entry): the lav2, hf or meta layout beside the sidecar."""
-    from lav2cli.formats import BaseWeights, hf
+    from lav2cli.formats import BaseWeights, hf, read_safetensors, read_state_dict
     from lav2cli.formats import meta as meta_fmt
     from lav2cli.formats.base import check_state_dict
     from lav2cli.model.config import LlamaConfig
@@ -187,21 +187,11 @@ def load_folded_base(path: str | Path, meta: dict[str, Any]):
     except (KeyError, TypeError) as e:
         raise Lav2Error(f"{path / 'lav2.json'}: no usable base.config ({e})") from None
     if fmt == "lav2":
-        from safetensors.torch import load_file
-
         f = path / FOLDED
-        if not f.is_file():
-            raise Lav2Error(f"{f}: missing")
-        try:
-            sd = load_file(str(f))
-        except Exception as e:
-            raise Lav2Error(f"{f}: unreadable safetensors ({str(e).splitlines()[0]})") from None
+        sd = read_safetensors(f)
     else:  # meta layout with a BPE tokenizer (tokenizer.json), which meta.load does not read
         f = path / "consolidated.00.pth"
-        try:
-            sd = torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise Lav2Error(f"{f}: cannot read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        sd = read_state_dict(f)
         cfg = replace(cfg, tie_embeddings=False)  # Meta checkpoints store output.weight
     check_state_dict(sd, cfg, f)
     tok = load_tokenizer(path)

@@ -86,11 +86,12 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def adapter_config(self, encoder_dim: int | None) -> AdapterConfig:
+    def adapter_config(self) -> AdapterConfig:
+        """The adapter shape; the visual branch's input width (0) is set from the encoder on load."""
         a = self.adapter
         visual = None
         if a.visual:
-            visual = VisualConfig(encoder_dim=encoder_dim or 768, width=a.visual_width, depth=a.visual_depth,
+            visual = VisualConfig(encoder_dim=0, width=a.visual_width, depth=a.visual_depth,
                                   heads=a.visual_heads, mlp_ratio=a.visual_mlp_ratio, n_queries=a.prompt_len)
         return AdapterConfig(
             variant=a.variant, prompt_len=a.prompt_len,

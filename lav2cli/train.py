@@ -299,9 +299,8 @@ class Trainer:
             self.engine = load(r.model.ref, base=r.model.base or None, device=load_device, dtype=dtype)
             self.initial = set(artifact.load_tensors(Path(r.model.ref)))
         else:
-            enc = r.encoder_spec()
-            enc_dim = _encoder_dim(enc)
-            self.engine = load(r.model.ref, device=load_device, dtype=dtype, adapter=r.adapter_config(enc_dim), encoder=enc)
+            self.engine = load(r.model.ref, device=load_device, dtype=dtype, adapter=r.adapter_config(),
+                               encoder=r.encoder_spec())
             self.initial = set()
         eng = self.engine
         if eng.model.adapter is None:
@@ -585,14 +584,6 @@ class Trainer:
         return {"final_loss": last.get("loss"), "tokens_per_s": last.get("tokens_per_s"),
                 "seconds": round(time.perf_counter() - t0, 2), "device": str(self.device),
                 "world_size": self.dist.world, "global_batch": self.global_batch, "lr": self.lr}
-
-
-def _encoder_dim(spec: dict[str, Any] | None) -> int | None:
-    if spec is None:
-        return None
-    from lav2cli.model.vision import build_encoder
-
-    return build_encoder(spec).out_dim
 
 
 def prepare_out(out: Path, resume: bool, force: bool) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lav2cli import __version__
 from lav2cli.errors import Lav2Error
@@ -52,13 +52,10 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    from lav2cli.formats import read_safetensors
+
     f = Path(path) / WEIGHTS
-    if not f.is_file():
-        raise Lav2Error(f"{f}: missing")
-    try:
-        tensors = load_file(str(f))
-    except Exception as e:
-        raise Lav2Error(f"{f}: unreadable safetensors ({str(e).splitlines()[0]})") from e
+    tensors = read_safetensors(f)
     listed = read_meta(path).get("tensors")
     if listed is not None:  # written by lav2 >= 0.1: the file must hold exactly what was saved
         missing, extra = sorted(set(listed) - set(tensors)), sorted(set(tensors) - set(listed))

@@ -108,26 +108,9 @@ def detect(path: str | Path) -> bool:
 
 
 def _read_tensors(f: Path) -> dict[str, torch.Tensor]:
-    if f.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+    from lav2cli.formats import read_safetensors, read_state_dict
 
-        try:
-            return load_file(str(f))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise Lav2Error(f"{f}: cannot read safetensors ({e})") from None
-    try:
-        try:
-            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # legacy (non-zip) pickles cannot be memory-mapped
-            if "mmap" not in str(e):
-                raise
-            sd = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise Lav2Error(f"{f}: cannot read checkpoint ({str(e).strip().splitlines()[0] if str(e).strip() else e!r})") from None
-    if not isinstance(sd, dict):
-        raise Lav2Error(f"{f}: not a state dict")
-    return sd
+    return read_safetensors(f) if f.suffix == ".safetensors" else read_state_dict(f)
 
 
 def config_from_hf(cfg: dict[str, Any], where: Path) -> LlamaConfig:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from lav2cli.errors import Lav2Error
-from lav2cli.formats import BaseWeights
+from lav2cli.formats import BaseWeights, read_state_dict
 from lav2cli.formats.base import (
     check_state_dict,
     drop_ignorable,
@@ -73,17 +73,6 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-def _torch_load(f: Path) -> dict[str, torch.Tensor]:
-    try:
-        sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise Lav2Error(f"{f}: cannot read checkpoint ({msg})") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise Lav2Error(f"{f}: not a state dict of tensors")
-    return sd
-
-
 def load(path: str | Path) -> BaseWeights:
     from lav2cli.tokenizer import SentencePieceTokenizer
 
@@ -105,7 +94,7 @@ def load(path: str | Path) -> BaseWeights:
     tokenizer = SentencePieceTokenizer(tok_file)
 
     files = _shards(d)
-    shards = [drop_ignorable(_torch_load(f)) for f in files]
+    shards = [drop_ignorable(read_state_dict(f)) for f in files]
     n = len(shards)
     first = shards[0]
     w1 = "layers.0.feed_forward.w1.weight"

@@ -15,6 +15,7 @@ import torch
 
 from lav2cli.errors import Lav2Error
 from lav2cli.fileio import sha256_file
+from lav2cli.formats import read_checkpoint
 from lav2cli.model.config import AdapterConfig, VisualConfig
 
 _SHA_PREFIX = re.compile(r"^([0-9a-f]{64})_")
@@ -39,10 +40,7 @@ def load(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tensor], dict
     if not path.is_file():
         raise Lav2Error(f"{path}: file not found")
     verify_sha256(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise Lav2Error(f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    obj = read_checkpoint(path, "not a loadable checkpoint")
     if not isinstance(obj, dict):
         raise Lav2Error(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     sd = obj.get("model", obj)
