@@ -12,7 +12,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml requirements-assets.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,experts]'
 	$(BIN)/python -m pip install -q --no-deps -r requirements-assets.txt
 	touch $(STAMP)
 
