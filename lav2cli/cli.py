@@ -287,6 +287,13 @@ _EDevice = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda
 _EDtype = Annotated[str, typer.Option("--dtype", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")]
 _EPred = Annotated[Optional[Path], typer.Option("--predictions", help="Score this predictions file (JSON lines with id and prediction) instead of running a model.")]
 
+from lav2cli.experts import Expert, OcrEngine  # noqa: E402  (stdlib only; the expert models load lazily)
+
+_Experts = Annotated[list[Expert], typer.Option("--expert", "-e", help="Give the model an expert's text about the image as context: caption, ocr (repeatable).")]
+_CaptionModel = Annotated[Optional[str], typer.Option("--caption-model", help="Caption expert: a lav2 artifact trained for captioning (default: the EfficientNet-Lite0 ImageNet classifier).")]
+_CaptionThreshold = Annotated[float, typer.Option("--caption-threshold", min=0.0, max=1.0, help="Caption expert (classifier): name the top classes at least this probable (none: no caption).")]
+_OcrEngine = Annotated[OcrEngine, typer.Option("--ocr-engine", help="OCR expert: rapidocr (pip install 'lav2cli[experts]') or tesseract (the program).")]
+
 
 @eval_app.command("vqa")
 def eval_vqa(
@@ -295,6 +302,8 @@ def eval_vqa(
     device: _EDevice = "auto", dtype: _EDtype = "auto", predictions: _EPred = None,
     short_answer: Annotated[bool, typer.Option("--short-answer/--no-short-answer", help='Ask for "a single word or phrase" in the template.')] = True,
     suffix: Annotated[str, typer.Option("--suffix", help="Text appended to every question, e.g. 'Answer with one word.'")] = "",
+    expert: _Experts = [], caption_model: _CaptionModel = None, caption_threshold: _CaptionThreshold = 0.2,
+    ocr_engine: _OcrEngine = OcrEngine.rapidocr,
 ) -> None:
     """Short-answer accuracy (VQA normalisation; VQAv2's ten answers when records carry "answers").
 
@@ -303,40 +312,48 @@ def eval_vqa(
       lav2 eval vqa --data data/easyvqa/records.jsonl --model runs/joint --out runs/joint/easyvqa.jsonl
 
       lav2 eval vqa --data data/vqa.jsonl --model runs/joint --out preds.jsonl --limit 200 --json
+
+      lav2 eval vqa --data data/vqa.jsonl --model runs/joint --out preds-ocr.jsonl --expert ocr
     """
     _eval.run("vqa", **locals())
 
 
-def _scoring_command(task: str, doc: str) -> None:
-    """Register `lav2 eval TASK` for the tasks that need nothing beyond the common options."""
-
-    def command(
-        data: _EData, model: _EModel = None, base: _EBase = None, clip: _EClip = None, out: _EOut = None,
-        batch_size: _EBatch = 8, limit: _ELimit = None, as_json: _EJson = False, max_new_tokens: _EMaxNew = None,
-        device: _EDevice = "auto", dtype: _EDtype = "auto", predictions: _EPred = None,
-    ) -> None:
-        _eval.run(task, **{k: v for k, v in locals().items() if k != "task"})
-
-    command.__doc__ = doc
-    eval_app.command(task)(command)
-
-
-_scoring_command("caption", """BLEU-1..4 and CIDEr-D over all reference captions of each image (COCO caption evaluation).
+@eval_app.command("caption")
+def eval_caption(
+    data: _EData, model: _EModel = None, base: _EBase = None, clip: _EClip = None, out: _EOut = None,
+    batch_size: _EBatch = 8, limit: _ELimit = None, as_json: _EJson = False, max_new_tokens: _EMaxNew = None,
+    device: _EDevice = "auto", dtype: _EDtype = "auto", predictions: _EPred = None,
+) -> None:
+    """BLEU-1..4 and CIDEr-D over all reference captions of each image (COCO caption evaluation).
 
     Examples:
 
       lav2 eval caption --data data/karpathy-test.jsonl --model runs/joint --out runs/joint/coco.jsonl
 
       lav2 eval caption --data data/karpathy-test.jsonl --predictions runs/joint/coco.jsonl --json
-    """)
-_scoring_command("mme", """The MME protocol: yes/no parsing, acc and acc+ per subtask, perception and cognition totals.
+    """
+    _eval.run("caption", **locals())
+
+
+@eval_app.command("mme")
+def eval_mme(
+    data: _EData, model: _EModel = None, base: _EBase = None, clip: _EClip = None, out: _EOut = None,
+    batch_size: _EBatch = 8, limit: _ELimit = None, as_json: _EJson = False, max_new_tokens: _EMaxNew = None,
+    device: _EDevice = "auto", dtype: _EDtype = "auto", predictions: _EPred = None,
+    expert: _Experts = [], caption_model: _CaptionModel = None, caption_threshold: _CaptionThreshold = 0.2,
+    ocr_engine: _OcrEngine = OcrEngine.rapidocr,
+) -> None:
+    """The MME protocol: yes/no parsing, acc and acc+ per subtask, perception and cognition totals.
 
     Examples:
 
       lav2 eval mme --data data/mme.jsonl --model llama-adapter.pth --base llama-7b --out mme.jsonl
 
       lav2 eval mme --data data/mme.jsonl --predictions mme.jsonl --json
-    """)
+
+      lav2 eval mme --data data/mme.jsonl --model runs/joint --out mme-experts.jsonl --expert caption --expert ocr
+    """
+    _eval.run("mme", **locals())
 
 
 @eval_app.command("text")
@@ -511,6 +528,8 @@ def ask(
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step (pays off on long answers)."),
+    expert: _Experts = [], caption_model: _CaptionModel = None, caption_threshold: _CaptionThreshold = 0.2,
+    ocr_engine: _OcrEngine = OcrEngine.rapidocr,
 ) -> None:
     """Answer a question about an image (or none) from the shell.
 
@@ -520,17 +539,22 @@ def ask(
 
       lav2 ask photo.jpg "Describe this image." --model runs/joint
 
+      lav2 ask sign.png "What does the sign say?" --expert ocr --expert caption --show-prompt
+
       ls images/*.png | lav2 ask - "What shape is in the image?" --json
     """
     from lav2cli import ask as ask_mod
+    from lav2cli.experts import ExpertOptions, Experts
     from lav2cli.generate import Sampling
 
-    ask_mod.check_image_arg(image)
+    experts = Experts(ExpertOptions.make(expert, caption_model, caption_threshold, ocr_engine, device, dtype))
+    ask_mod.check_image_arg(image, experts)
+    experts.load()
     engine = _load_engine(model, base, clip, device, dtype)
     err = _stderr()
     status = ask_mod.run(engine, image, prompt, Sampling(max_new_tokens, temperature, top_p, seed),
                          as_json=as_json, show_prompt=show_prompt, model_name=model, compile=compile,
-                         log=lambda m: err.print(m, markup=False, soft_wrap=True))
+                         log=lambda m: err.print(m, markup=False, soft_wrap=True), experts=experts)
     raise typer.Exit(status)
 
 

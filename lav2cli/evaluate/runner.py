@@ -19,13 +19,14 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from lav2cli.data.records import read_records
 from lav2cli.errors import Lav2Error
 from lav2cli.evaluate import tasks as T
+from lav2cli.experts import ExpertOptions, Experts, context, join_context
 from lav2cli.fileio import atomic_file
 
 __all__ = ["EvalOptions", "run", "evaluate", "metrics_path", "read_predictions"]
@@ -49,6 +50,14 @@ class EvalOptions:
     short_answer: bool = True  # vqa
     suffix: str = ""  # vqa: appended to every question
     exact_match: bool | None = None  # text: None = when every reference is a short answer
+    expert: list[str] = field(default_factory=list)  # vqa, mme: experts whose text joins each prompt
+    caption_model: str | None = None
+    caption_threshold: float = 0.2
+    ocr_engine: str = "rapidocr"
+
+    def experts(self) -> Experts:
+        return Experts(ExpertOptions.make(self.expert, self.caption_model, self.caption_threshold,
+                                          self.ocr_engine, self.device, self.dtype))
 
 
 def metrics_path(predictions: str | os.PathLike) -> Path:
@@ -141,20 +150,34 @@ def _image_batch(engine, units: list[T.Unit]):
     return images, mask
 
 
-def _generate(engine, opts: EvalOptions, units: list[T.Unit], max_new: int) -> list[dict]:
+def _expert_outputs(experts: Experts | None, units: list[T.Unit]) -> list[list]:
+    """Each unit's expert outputs (none without an image or without experts)."""
+    from lav2cli.model.vision import load_image
+
+    return [experts.run(load_image(u.image)) if experts and u.image is not None else [] for u in units]
+
+
+def _generate(engine, opts: EvalOptions, units: list[T.Unit], max_new: int,
+              experts: Experts | None = None) -> list[dict]:
     from lav2cli.generate import Sampling
 
     tpl, tok = engine.template, engine.tokenizer
-    parts = [T.prompt_parts(opts.task, u, opts.short_answer, opts.suffix) for u in units]
+    outputs = _expert_outputs(experts, units)
+    parts = []
+    for u, outs in zip(units, outputs):
+        instruction, input, short = T.prompt_parts(opts.task, u, opts.short_answer, opts.suffix)
+        parts.append((instruction, join_context(input, context(outs)), short))
     ids = [tpl.encode_prompt(tok, *p) for p in parts]
     images, mask = _image_batch(engine, units)
     outs = engine.generate(ids, images=images, image_mask=mask,
                            sampling=Sampling(max_new_tokens=max_new, temperature=0.0, top_p=1.0))
     rows = []
-    for u, p, o in zip(units, parts, outs):
+    for u, p, o, ex in zip(units, parts, outs, outputs):
         pred = tok.decode(o).strip()
         rows.append({"id": u.id, "image": u.image, "prompt": tpl.prompt(*p), "prediction": pred,
                      "reference": T.reference_field(opts.task, u), **T.judge(opts.task, u, pred)})
+        if experts:
+            rows[-1]["experts"] = [e.to_json() for e in ex]
     return rows
 
 
@@ -177,7 +200,8 @@ def _losses(engine, units: list[T.Unit]) -> list[tuple[float, int]]:
     return [(float(s) / int(c) if int(c) else 0.0, int(c)) for s, c in zip(sums.tolist(), counts.tolist())]
 
 
-def _predict(engine, opts: EvalOptions, todo: list[T.Unit], out: Path, exact_match: bool) -> dict[str, dict]:
+def _predict(engine, opts: EvalOptions, todo: list[T.Unit], out: Path, exact_match: bool,
+             experts: Experts | None = None) -> dict[str, dict]:
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
@@ -204,7 +228,7 @@ def _predict(engine, opts: EvalOptions, todo: list[T.Unit], out: Path, exact_mat
                         row.update(prediction=gen[k]["prediction"], correct=gen[k]["correct"])
                     rows.append(row)
             else:
-                rows = _generate(engine, opts, batch, max_new)
+                rows = _generate(engine, opts, batch, max_new, experts)
             for row in rows:
                 row["model"] = opts.model
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -227,6 +251,11 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] | None = None) -> dic
         raise Lav2Error(f"unknown task {opts.task!r} (expected one of {', '.join(T.TASKS)})")
     if opts.batch_size < 1:
         raise Lav2Error("--batch-size must be at least 1")
+    experts = opts.experts()
+    if experts and opts.task not in ("vqa", "mme"):
+        raise Lav2Error(f"experts help answer questions about images: vqa and mme take --expert, {opts.task} does not")
+    if experts and opts.predictions is not None:
+        raise Lav2Error("--expert changes the prompts of a model run; it cannot apply to a --predictions file")
     records = list(read_records(opts.data))
     if not records:
         raise Lav2Error(f"{opts.data}: no records")
@@ -264,15 +293,17 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] | None = None) -> dic
                 if incomplete:
                     raise Lav2Error(f"{opts.out}: prediction {incomplete[0]!r} lacks loss or prediction; "
                                     "use another --out")
+        _check_experts(preds, experts, opts.out)
         todo = [u for u in units if u.id not in preds]
         if preds and todo:
             log(f"resuming: {len(units) - len(todo)} of {len(units)} already in {opts.out}")
         if todo:
+            experts.load()  # an expert that cannot run fails before the model loads
             engine = _load(opts, log)
             if any(u.image for u in todo) and not engine.can_see:
                 log("note: this model has no trained visual branch, so it cannot see the images; "
                     "its answers come from the text alone")
-            preds.update(_predict(engine, opts, todo, opts.out, exact_match))
+            preds.update(_predict(engine, opts, todo, opts.out, exact_match, experts))
         source, where = opts.out, metrics_path(opts.out)
 
     scored = [u for u in units if u.id in preds]
@@ -293,6 +324,8 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] | None = None) -> dic
                 raise Lav2Error(f"{source}: no MME image with predictions for both its questions")
     result: dict[str, Any] = {"task": opts.task, "data": str(opts.data), "model": opts.model,
                               "predictions": str(source), "n": len(scored)}
+    if experts:
+        result["experts"] = experts.options.sources()
     result.update(T.SCORERS[opts.task](scored, preds))
     if opts.task == "text":
         result["exact_match_reported"] = exact_match
@@ -305,6 +338,23 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] | None = None) -> dic
         f.write("\n")
     result["metrics_file"] = str(where)
     return result
+
+
+def _check_experts(preds: dict[str, dict], experts: Experts, out: Path) -> None:
+    """A resumed run must use the experts the file was made with (predictions of images record
+    theirs; those without an image have none to compare)."""
+    want = experts.options.sources()
+    for p in preds.values():
+        if p.get("image") is None:
+            continue
+        got = [[e.get("name"), e.get("source")] for e in p.get("experts", [])]
+        if got != want:
+            raise Lav2Error(f"{out}: holds predictions made with experts {_names(got)}, not {_names(want)}; "
+                            "use another --out")
+
+
+def _names(sources: list[list[str]]) -> str:
+    return ", ".join(f"{n} ({s})" for n, s in sources) or "none"
 
 
 def _load(opts: EvalOptions, log):
@@ -340,6 +390,8 @@ def render(result: dict[str, Any], console=None) -> None:
     console = console or Console(highlight=False)
     task = result["task"]
     title = f"lav2 eval {task}: {result['n']} {'images' if task == 'caption' else 'records'} ({result['data']})"
+    if result.get("experts"):
+        title += " with experts " + ", ".join(n for n, _ in result["experts"])
     if task == "vqa":
         t = Table(title=title)
         for c in ("group", "n", "accuracy %"):
