@@ -193,6 +193,31 @@ def prepare_easyvqa(
     _data.prepare("easyvqa", **locals())
 
 
+@prepare_app.command("distill")
+def prepare_distill(
+    out: _Out,
+    model: Annotated[str, typer.Option("--model", "-m", help="The model whose answers become the records (a base, or any model reference).")] = "smollm2-135m-instruct",
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="One prompt per line (# comments), or JSON lines with instruction (and input). Default: the packaged set of varied prompts.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest answer kept; longer ones are not selected.")] = 200,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Prompts per generation batch.")] = 16,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    val_fraction: _Val = 0.0,
+    strict: _Strict = False,
+) -> None:
+    """A model's own greedy answers to prompts -> text-only instruction records.
+
+    Mixed into adapter training (recipe key data.text), they keep the base model's language
+    ability while the adapter learns a new task.
+
+    Examples:
+
+      lav2 prepare distill --out data/text/distill.jsonl
+
+      lav2 prepare distill --model smollm2-135m-instruct --prompts my-prompts.txt --out data/text/mine.jsonl
+    """
+    _data.prepare("distill", check_images=False, **locals())
+
+
 # --- end prepare ------------------------------------------------------------------------
 
 

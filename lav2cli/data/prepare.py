@@ -64,6 +64,7 @@ NO_CAPTION = "no shape or colour"
 OTHER_SPLIT = "other split"
 EXTRA_CAPTION = "extra caption"
 LATER_TURN = "later turn"
+UNFINISHED_ANSWER = "unfinished answer"
 
 EXAMPLES_PER_REASON = 5
 PROGRESS_MIN_ITEMS = 1000
@@ -114,9 +115,9 @@ class _UI:
         return self._console
 
     @contextlib.contextmanager
-    def progress(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
-        """Yield ``advance(n)``; a bar is drawn only for long inputs on a terminal."""
-        if self.quiet or total < PROGRESS_MIN_ITEMS or not self.console.is_terminal:
+    def progress(self, description: str, total: int, min_items: int = PROGRESS_MIN_ITEMS) -> Iterator[Callable[[int], None]]:
+        """Yield ``advance(n)``; a bar is drawn only for long inputs (``min_items``) on a terminal."""
+        if self.quiet or total < min_items or not self.console.is_terminal:
             yield lambda n=1: None
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -789,6 +790,66 @@ def easyvqa(job: Job, split: str = "both", kind: str = "both", instruction: str 
                 yield Candidate(record, at, f"{name}/{i}")
 
 
+DISTILL_PROMPTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "prompts", "distill.txt")
+
+
+def _distill_prompts(job: Job, path: str) -> Iterator[tuple[str, str, str] | Skip]:
+    """(where, instruction, input) from a text file (one prompt per line, # comments) or from
+    records / Alpaca-style JSON lines (``instruction`` and optional ``input``)."""
+    if path.endswith((".jsonl", ".json")):
+        for entry in job.json_entries(path):
+            if isinstance(entry, Skip):
+                yield entry
+                continue
+            at, _, obj = entry
+            obj = obj if isinstance(obj, dict) else {}
+            instruction, text_input = _text(obj.get("instruction")), _text(obj.get("input", ""))
+            if instruction is None or text_input is None:
+                yield Skip(MALFORMED_RECORD, at, "needs a string instruction (and input)")
+                continue
+            yield at, instruction, text_input
+        return
+    with open(job.add_file(path), encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip() and not line.lstrip().startswith("#"):
+                yield f"{path}:{lineno}", line.strip(), ""
+
+
+def distill(job: Job, model: str, prompts: str | None = None, max_new_tokens: int = 200, batch_size: int = 16,
+            device: str = "auto") -> Iterator[Item]:
+    """A model's own greedy answers to prompts -> text-only instruction records (``distill-INDEX``).
+    Trained alongside new data, they keep what the model already says (its language ability).
+    Answers cut off at ``max_new_tokens`` are not kept: a record must end where the model ends."""
+    from lav2cli import engine as engine_mod
+    from lav2cli.generate import Sampling
+
+    prompts = os.fspath(prompts or DISTILL_PROMPTS)
+    items = list(_distill_prompts(job, prompts))
+    todo = [it for it in items if not isinstance(it, Skip)]
+    yield from (it for it in items if isinstance(it, Skip))
+    if not todo:
+        return
+    eng = engine_mod.load(model, device=device)
+    tok, tpl = eng.tokenizer, eng.template
+    encoded = [tpl.encode_prompt(tok, instruction, text_input) for _, instruction, text_input in todo]
+    order = sorted(range(len(todo)), key=lambda i: len(encoded[i]))  # similar lengths batch with little padding
+    answers: dict[int, list[int]] = {}
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=0.0)
+    with job.ui.progress(f"answering {len(todo)} prompts with {model}", len(todo), min_items=1) as advance:
+        for i in range(0, len(order), batch_size):
+            chunk = order[i:i + batch_size]
+            for k, out in zip(chunk, eng.generate([encoded[k] for k in chunk], sampling=sampling)):
+                answers[k] = out
+            advance(len(chunk))
+    for k, (at, instruction, text_input) in enumerate(todo):
+        if len(answers[k]) >= max_new_tokens:
+            yield Skip(UNFINISHED_ANSWER, at, f"longer than {max_new_tokens} tokens", problem=False)
+            continue
+        record = Record(f"distill-{k}", None, instruction, tok.decode(answers[k]).strip(), "instruction", "distill",
+                        input=text_input, extra={"model": model})
+        yield Candidate(record, at, record.id)
+
+
 SOURCES: dict[str, Callable[..., Iterator[Item]]] = {
     "coco": coco,
     "csv": csv_table,
@@ -796,4 +857,5 @@ SOURCES: dict[str, Callable[..., Iterator[Item]]] = {
     "llava": llava,
     "mme": mme,
     "easyvqa": easyvqa,
+    "distill": distill,
 }
