@@ -46,6 +46,8 @@ class AdapterSection:
 class DataSection:
     image_text: str = ""  # records of image-text pairs (stage pretrain, joint)
     instruction: str = ""  # instruction records (stage finetune, joint)
+    text: str = ""  # optional text-only instruction records mixed into the instruction stream
+    text_repeat: int = 1  # times each text record is listed per epoch (keeps a small set's share)
     image_text_ratio: float = 0.5  # joint: share of steps drawn from image_text
     max_tokens: int = 512
     feature_cache: bool = False  # precompute the frozen encoder's features once per data file
@@ -199,6 +201,12 @@ def validate(r: Recipe) -> None:
             raise Lav2Error(f"stage {t.stage} needs data.{stream} (a records file)")
         if not Path(getattr(d, stream)).is_file():
             raise Lav2Error(f"data.{stream}: {getattr(d, stream)}: file not found")
+    if d.text and t.stage == "pretrain":
+        raise Lav2Error("data.text joins the instruction stream; stage pretrain has none")
+    if d.text and not Path(d.text).is_file():
+        raise Lav2Error(f"data.text: {d.text}: file not found")
+    if d.text_repeat < 1:
+        raise Lav2Error(f"data.text_repeat must be at least 1, got {d.text_repeat}")
     if t.stage in ("pretrain", "joint") and not a.visual:
         raise Lav2Error(f"stage {t.stage} trains the visual branch, but adapter.visual is false")
 

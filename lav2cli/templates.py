@@ -66,10 +66,10 @@ class Template:
         return tok.encode(self.prompt(instruction, input, short_answer), bos=self.add_bos)
 
     def encode_example(self, tok: Tokenizer, instruction: str, input: str, output: str,
-                       max_tokens: int | None = None) -> tuple[list[int], list[int]]:
+                       max_tokens: int | None = None, short_answer: bool = False) -> tuple[list[int], list[int]]:
         """Token ids and labels: prompt tokens masked (IGNORE_INDEX), response + end supervised."""
-        prompt = self.encode_prompt(tok, instruction, input)
-        text = self.prompt(instruction, input)
+        prompt = self.encode_prompt(tok, instruction, input, short_answer)
+        text = self.prompt(instruction, input, short_answer)
         # prompt and response tokenised together, as the official data pipeline does (the response
         # follows "### Response:" directly); apart only if the joint tokens do not start with
         # the prompt's, so the mask boundary is always exact

@@ -335,6 +335,8 @@ class Trainer:
         for grp in STAGE_GROUPS[t.stage]:
             path = getattr(r.data, grp)
             ex = load_examples(path, tok, tpl, r.data.max_tokens)
+            if grp == INSTRUCTION and r.data.text:
+                ex += load_examples(r.data.text, tok, tpl, r.data.max_tokens) * r.data.text_repeat
             self.streams[grp] = Stream(grp, ex, micro, t.seed + (0 if grp == IMAGE_TEXT else 1))
         self.image_fn = self._image_fn()
         self.pool = ThreadPoolExecutor(max(1, r.data.workers))  # decodes a batch's images in parallel
@@ -610,7 +612,8 @@ def resolve(recipe_path: str | None, overrides: list[str], out: Path, resume: bo
         raise Lav2Error("--recipe is required (or --resume with a run directory)")
     r = load_recipe(recipe_path, overrides)
     # the saved recipe must work from any directory: paths become absolute
-    for section, key in (("model", "ref"), ("model", "base"), ("data", "image_text"), ("data", "instruction")):
+    for section, key in (("model", "ref"), ("model", "base"), ("data", "image_text"), ("data", "instruction"),
+                         ("data", "text")):
         value = getattr(getattr(r, section), key)
         if value and Path(value).expanduser().exists():
             setattr(getattr(r, section), key, str(Path(value).expanduser().resolve()))

@@ -26,12 +26,17 @@ class Example:
     image: str | None  # absolute path, or None for text-only
 
 
+# record kinds trained with the short-answer prompt, the one `lav2 eval vqa` asks them with
+SHORT_ANSWER_KINDS = ("vqa",)
+
+
 def load_examples(path: str | Path, tok: Tokenizer, template: Template, max_tokens: int) -> list[Example]:
     """Tokenise every record of a records file; records whose response is cut away entirely by
     max_tokens are dropped (they would teach nothing)."""
     out: list[Example] = []
     for rec in read_records(path):
-        ids, labels = template.encode_example(tok, rec.instruction, rec.input, rec.output, max_tokens)
+        ids, labels = template.encode_example(tok, rec.instruction, rec.input, rec.output, max_tokens,
+                                              short_answer=rec.kind in SHORT_ANSWER_KINDS)
         if all(lab == IGNORE_INDEX for lab in labels):
             continue
         out.append(Example(ids, labels, rec.image))
