@@ -126,6 +126,19 @@ def vqa_accuracy(prediction: str, references: Sequence[str]) -> float:
     return total / len(refs)
 
 
+def contains_answer(prediction: str, reference: str) -> bool:
+    """True when the normalised reference occurs in the normalised prediction as whole words:
+    "The capital of Spain is Madrid." contains "madrid". For short factual answers given in a
+    sentence; lenient (an answer that names the reference and more also counts).
+
+        >>> contains_answer("Seven plus three is ten.", "10")
+        True
+    """
+    ref = normalize_answer(reference).split()
+    words = normalize_answer(prediction).split()
+    return bool(ref) and any(words[i:i + len(ref)] == ref for i in range(len(words) - len(ref) + 1))
+
+
 def answer_type(reference: str) -> str:
     """VQAv2's answer types for a reference answer: "yes/no", "number" or "other"."""
     a = normalize_answer(reference)

@@ -425,10 +425,10 @@ def render(result: dict[str, Any], console=None) -> None:
                       markup=False, soft_wrap=True)
     else:
         t = Table(title=title)
-        for c in ("loss", "perplexity", "response tokens", "exact match %"):
+        for c in ("loss", "perplexity", "response tokens", "exact match %", "contains answer %"):
             t.add_column(c, justify="right")
         ppl = result["perplexity"]
         t.add_row(f"{result['loss']:.4f}", f"{ppl:.2f}" if math.isfinite(ppl) else "inf", str(result["tokens"]),
-                  _pct(result["exact_match"]))
+                  _pct(result["exact_match"]), _pct(result.get("contains_answer")))
         console.print(t)
     console.print(f"metrics: {result['metrics_file']}", markup=False, soft_wrap=True)

@@ -129,7 +129,8 @@ def judge(task: str, unit: Unit, prediction: str) -> dict[str, Any]:
         return {"parsed": parsed, "correct": parsed == unit.references[0].strip().lower(),
                 "subtask": unit.extra["subtask"], "pair": unit.extra["pair"]}
     if task == "text":
-        return {"correct": M.normalize_answer(prediction) == M.normalize_answer(unit.references[0])}
+        return {"correct": M.normalize_answer(prediction) == M.normalize_answer(unit.references[0]),
+                "contains": M.contains_answer(prediction, unit.references[0])}
     return {}
 
 
@@ -203,8 +204,10 @@ def score_text(units: list[Unit], preds: dict[str, dict]) -> dict[str, Any]:
         right = sum(M.normalize_answer(preds[u.id]["prediction"]) == M.normalize_answer(u.references[0])
                     for u in units)
         out["exact_match"] = right / len(units)
+        out["contains_answer"] = sum(M.contains_answer(preds[u.id]["prediction"], u.references[0])
+                                     for u in units) / len(units)
     else:
-        out["exact_match"] = None
+        out["exact_match"] = out["contains_answer"] = None
     return out
 
 
