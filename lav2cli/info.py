@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from lav2cli.engine import Engine
@@ -46,7 +48,49 @@ def describe(engine: Engine) -> dict[str, Any]:
     }
     if cfg.meta.get("training"):
         out["training"] = cfg.meta["training"]
+    evals = evaluations(cfg.files)
+    if evals:
+        out["evaluations"] = evals
     return out
+
+
+def evaluations(files: list) -> list[dict[str, Any]]:
+    """The metrics an artifact carries: `lav2 eval ... --out ARTIFACT/eval/NAME.jsonl` leaves
+    ARTIFACT/eval/NAME.metrics.json, which travels with the artifact."""
+    dirs = {Path(f).parent for f in files if Path(f).name == "lav2.json"}
+    out = []
+    for d in sorted(dirs):
+        for f in sorted((d / "eval").glob("*.metrics.json")):
+            try:
+                m = json.loads(f.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if isinstance(m, dict) and "task" in m:
+                out.append({"file": f.name, **{k: m[k] for k in _HEADLINE.get(m["task"], ()) if k in m},
+                            "task": m["task"], "data": Path(str(m.get("data", ""))).name, "n": m.get("n")})
+    return out
+
+
+# the numbers `lav2 info` shows for each task's metrics file
+_HEADLINE = {"vqa": ("accuracy",), "text": ("contains_answer", "exact_match", "loss"),
+             "caption": ("CIDEr", "BLEU-4"), "mme": ("perception", "cognition")}
+
+
+def _training_rows(tr: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = [("training", f"stage {tr.get('stage')}, {tr.get('step')}/{tr.get('total_steps')} steps"
+                         f"{'' if tr.get('complete') else ' (incomplete)'}, global batch {tr.get('global_batch')}, "
+                         f"peak lr {tr.get('lr', 0):.3g}, final loss {tr.get('final_loss', float('nan')):.3f}")]
+    if "seconds" in tr:
+        rows.append(("training time", f"{tr['seconds']:,.0f} s on {tr.get('device')} x{tr.get('world_size', 1)}, "
+                                      f"{tr.get('tokens_per_s', 0):,.0f} tokens/s"))
+    for grp, n in (tr.get("data") or {}).items():
+        rows.append((f"training data: {grp}", f"{n:,} examples per epoch"))
+    for grp, n in (tr.get("groups") or {}).items():
+        rows.append((f"trained: {grp}", f"{n:,} parameters"))
+    for section, values in (tr.get("recipe") or {}).items():
+        if isinstance(values, dict):
+            rows.append((f"recipe: [{section}]", ", ".join(f"{k}={v}" for k, v in values.items())))
+    return rows
 
 
 def render(info: dict[str, Any], console) -> None:
@@ -81,6 +125,11 @@ def render(info: dict[str, Any], console) -> None:
     for f in info["files"]:
         size = f"{f['bytes'] / 2**20:,.1f} MiB" if f["bytes"] is not None else "?"
         t.add_row("file", f"{f['path']} ({size})")
-    for k, v in (info.get("training") or {}).items():
-        t.add_row(f"training: {k}", str(v))
-    console.print(t)
+    if info.get("training"):
+        for k, v in _training_rows(info["training"]):
+            t.add_row(k, v)
+    for e in info.get("evaluations", []):
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in e.items()
+                           if k not in ("file", "task", "data", "n") and isinstance(v, (int, float)))
+        t.add_row(f"eval: {e['task']}", f"{e['data']} ({e['n']:,} items): {scores}")
+    console.print(t, markup=False)
