@@ -115,7 +115,8 @@ def render(info: dict[str, Any], console) -> None:
                              f"LoRA rank {a['lora_rank'] or 'none'}")
     if info["encoder"]:
         e = info["encoder"]
-        t.add_row("image encoder", f"{e['kind']} {e['name']} ({e.get('pretrained') or e.get('weights') or 'random'})")
+        stage = f", stage {e['stage']}" if e.get("stage") is not None else ""
+        t.add_row("image encoder", f"{e['kind']} {e['name']} ({e.get('pretrained') or e.get('weights') or 'random'}{stage})")
         p = info["preprocess"]
         t.add_row("preprocess", f"{p['size']} px, channel order {p['channel_order']}")
     t.add_row("sees images", "yes" if info["can_see"] else "no (no trained visual branch)")

