@@ -198,3 +198,17 @@ def test_mme_scores_on_a_constructed_set():
     assert out["subtasks_present"] == {"perception": 2, "cognition": 1}
     assert out["skipped_images"] == 1 and out["skipped_questions"] == 3 and "color" not in out["subtasks"]
     assert list(out["subtasks"]) == ["existence", "OCR", "code_reasoning"]  # the paper's order
+
+
+@pytest.mark.parametrize("prediction, reference, expected", [
+    ("The capital of Spain is Madrid.", "Madrid", True),
+    ("Madrid", "madrid", True),
+    ("Seven plus three is ten.", "10", True),  # number words normalised as in VQA
+    ("It is 42.", "4", False),  # whole words only
+    ("The opposite of up is down", "down", True),
+    ("New York City", "York City", True),  # a multi-word answer inside a longer one
+    ("I do not know", "Madrid", False),
+    ("", "blue", False),
+])
+def test_contains_answer(prediction, reference, expected):
+    assert M.contains_answer(prediction, reference) is expected
