@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml requirements-assets.txt
 
 demo: $(STAMP)
 	@img="$$($(BIN)/python -c 'import easy_vqa, os; print(os.path.join(os.path.dirname(easy_vqa.__file__), "data", "test", "images", "0.png"))')"; \
-		echo "lav2 ask $$img \"What shape is in the image?\""; \
-		$(BIN)/lav2 ask "$$img" "What shape is in the image?" --temperature 0 --max-new-tokens 40
+		echo "lav2 ask $$img \"What shape is in the image?\" --model demo"; \
+		$(BIN)/lav2 ask "$$img" "What shape is in the image?" --model demo --temperature 0 --max-new-tokens 40
 	@echo 'lav2 ask none "What is the capital of France?"'
 	@$(BIN)/lav2 ask none "What is the capital of France?" --temperature 0 --max-new-tokens 40
 

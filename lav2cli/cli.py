@@ -300,7 +300,7 @@ app.add_typer(eval_app, name="eval")
 from lav2cli import evaluate as _eval  # noqa: E402  (torch-free; the model loads only when needed)
 
 _EData = Annotated[Path, typer.Option("--data", "-d", help="Records (JSON lines from `lav2 prepare`).")]
-_EModel = Annotated[Optional[str], typer.Option("--model", "-m", help="Model reference (as `lav2 ask`; default demo).")]
+_EModel = Annotated[Optional[str], typer.Option("--model", "-m", help="Model reference (as `lav2 ask`; default smollm2-135m-instruct).")]
 _EBase = Annotated[Optional[str], typer.Option("--base", help="Base LLaMA for an official .pth, or to override an artifact's.")]
 _EClip = Annotated[Optional[str], typer.Option("--clip", help="open_clip encoder NAME[:PRETRAINED] for an official .pth.")]
 _EOut = Annotated[Optional[Path], typer.Option("--out", "-o", help="Predictions FILE.jsonl (resumed when it exists); metrics go to FILE.metrics.json.")]

@@ -1,5 +1,5 @@
-"""The embedded `demo` model: its recipe trains (losses fall), it ships inside the package, it is
-the default of `lav2 ask`, it looks at the image, and it still answers text-only questions."""
+"""The embedded `demo` model: its recipe trains (losses fall), it ships inside the package, it
+looks at the image, and it still answers text-only questions."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lav2cli.data.prepare import EASYVQA_COLOURS, EASYVQA_SHAPES, prepare
-from lav2cli.registry import DEFAULT_MODEL, resolve_named
+from lav2cli.registry import resolve_named
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "LAV2_DEBUG": ""}
@@ -41,8 +41,7 @@ def easyvqa_images() -> dict[int, tuple[str, str, str]]:
     return {i: (paths[i], colour[i], shape[i]) for i in sorted(set(colour) & set(shape))}
 
 
-def test_demo_is_registered_shipped_and_the_default():
-    assert DEFAULT_MODEL == "demo"
+def test_demo_is_registered_and_shipped():
     d = resolve_named("demo")
     assert d.is_dir() and (d / "lav2.json").is_file() and (d / "adapter.safetensors").is_file()
     size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
@@ -77,19 +76,21 @@ def test_demo_looks_at_the_image():
     assert len(first) == 3
     answers = {}
     for shape, path in first.items():
-        r = run_cli("ask", path, "What shape is in the image?", "--temperature", "0", "--max-new-tokens", "10", "--json")
+        r = run_cli("ask", path, "What shape is in the image?", "--model", "demo", "--temperature", "0",
+                    "--max-new-tokens", "10", "--json")
         assert r.returncode == 0, r.stderr
         answers[shape] = json.loads(r.stdout)["answer"].strip().lower()
         assert shape in answers[shape], (path, answers[shape])
     assert len(set(answers.values())) == 3, answers
-    r = run_cli("ask", first["circle"], "What color is the shape?", "--temperature", "0", "--max-new-tokens", "10",
-                "--json")
+    r = run_cli("ask", first["circle"], "What color is the shape?", "--model", "demo", "--temperature", "0",
+                "--max-new-tokens", "10", "--json")
     assert r.returncode == 0, r.stderr
     assert any(c in json.loads(r.stdout)["answer"].lower() for c in EASYVQA_COLOURS)  # answers with a colour
 
 
 def test_demo_still_answers_text_questions():
-    r = run_cli("ask", "none", "What is the capital of France?", "--temperature", "0", "--max-new-tokens", "30")
+    r = run_cli("ask", "none", "What is the capital of France?", "--model", "demo", "--temperature", "0",
+                "--max-new-tokens", "30")
     assert r.returncode == 0, r.stderr
     assert "paris" in r.stdout.lower(), r.stdout
 
