@@ -56,3 +56,18 @@ def tiny_llama_config(spm_model_path):
     vocab = spm.SentencePieceProcessor(model_file=str(spm_model_path)).get_piece_size()
     return LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, hidden_dim=160,
                        norm_eps=1e-5, rope_theta=10000.0, tie_embeddings=False, max_seq_len=256)
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory, tiny_llama_config, spm_model_path):
+    """A random tiny LLaMA saved in the Meta layout (with the session's tokenizer)."""
+    import torch
+
+    from lav2cli.formats import meta
+    from lav2cli.model.adapter import LlamaAdapterV2
+
+    torch.manual_seed(0)
+    sd = {k.removeprefix("llama."): v for k, v in LlamaAdapterV2(tiny_llama_config).state_dict().items()}
+    d = tmp_path_factory.mktemp("base")
+    meta.save(d, tiny_llama_config, sd, tokenizer_model_path=spm_model_path)
+    return d

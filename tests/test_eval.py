@@ -19,8 +19,6 @@ from lav2cli import engine
 from lav2cli.cli import app
 from lav2cli.errors import Lav2Error
 from lav2cli.evaluate import EvalOptions, evaluate, metrics_path
-from lav2cli.formats import meta
-from lav2cli.model.adapter import LlamaAdapterV2
 from lav2cli.model.config import AdapterConfig, VisualConfig
 from lav2cli.templates import IGNORE_INDEX
 
@@ -33,15 +31,6 @@ TEXT = [("What color is the sky?", "blue"), ("What color is grass?", "green"), (
 
 
 # -- fixtures ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, tiny_llama_config, spm_model_path) -> Path:
-    torch.manual_seed(0)
-    sd = {k.removeprefix("llama."): v for k, v in LlamaAdapterV2(tiny_llama_config).state_dict().items()}
-    d = tmp_path_factory.mktemp("base")
-    meta.save(d, tiny_llama_config, sd, tokenizer_model_path=spm_model_path)
-    return d
 
 
 def _write(path: Path, rows: list[dict]) -> Path:

@@ -18,9 +18,7 @@ from lav2cli import ask, engine, experts as X
 from lav2cli.errors import Lav2Error
 from lav2cli.evaluate import EvalOptions, evaluate
 from lav2cli.experts import ExpertOptions, Experts, Word
-from lav2cli.formats import meta
 from lav2cli.generate import Sampling
-from lav2cli.model.adapter import LlamaAdapterV2
 from lav2cli.model.config import AdapterConfig, VisualConfig
 from lav2cli.templates import get_template
 
@@ -213,15 +211,6 @@ def test_options_are_checked():
 
 
 # -- the prompt, in both templates ------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, tiny_llama_config, spm_model_path) -> Path:
-    torch.manual_seed(0)
-    sd = {k.removeprefix("llama."): v for k, v in LlamaAdapterV2(tiny_llama_config).state_dict().items()}
-    d = tmp_path_factory.mktemp("base")
-    meta.save(d, tiny_llama_config, sd, tokenizer_model_path=spm_model_path)
-    return d
 
 
 @pytest.mark.parametrize("template", ["alpaca", "chatml"])
