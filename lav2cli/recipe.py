@@ -65,6 +65,7 @@ class TrainSection:
     base_lr: float = 1e-3  # lr = base_lr * global batch / 256
     min_lr: float = 0.0
     visual_lr_scale: float = 1.0  # the visual branch (from scratch) trains at lr x this
+    standardize_features: bool = False  # clip_proj trains on encoder channels standardised by the training images' mean/std (folded in when saved)
     warmup_epochs: float = 0.0
     warmup_steps: int = 0  # > 0 overrides warmup_epochs
     weight_decay: float = 0.02

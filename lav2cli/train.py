@@ -258,6 +258,29 @@ def feature_cache(engine: Engine, paths: list[str], log: Callable[[str], None]) 
     return lambda p: torch.from_numpy(np.array(feats[index[p]], dtype=np.float32))
 
 
+FEATURE_STATS_IMAGES = 1024
+
+
+@torch.no_grad()
+def feature_stats(model: LlamaAdapterV2, image_fn: Callable[[str], torch.Tensor], paths: list[str],
+                  device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and 1/std of the encoder's tokens over a fixed sample of the training
+    images (`train.standardize_features`). Centring matters most: on easy-VQA every channel's
+    mean (the white background) is several times its spread, and a projection of raw features
+    spends its updates on that constant."""
+    paths = sorted(set(paths))
+    paths = random.Random(seed).sample(paths, min(FEATURE_STATS_IMAGES, len(paths)))
+    total, squares, n = 0.0, 0.0, 0
+    for i in range(0, len(paths), 64):
+        x = torch.stack([image_fn(p) for p in paths[i:i + 64]]).to(device)
+        f = model.encode_images(x).double().flatten(0, -2)  # [images x tokens, channels]
+        total, squares, n = total + f.sum(0), squares + (f * f).sum(0), n + f.shape[0]
+    mean = total / n
+    std = (squares / n - mean * mean).clamp_min(0).sqrt()
+    std = std.clamp_min(1e-3 * float(std.max()) + 1e-12)  # a dead channel is not blown up
+    return mean.float().cpu(), std.reciprocal().float().cpu()
+
+
 @torch.no_grad()
 def encode_all(engine: Engine, paths: list[str], out: Path, batch: int = 64) -> None:
     """Encode every image into the .npy file `out` ([N, tokens, dim] fp16), batch by batch."""
@@ -363,8 +386,13 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, warm, self.total_steps, min_ratio))
         self.step = 0
         self.last_saved = -1
+        self.standardize = t.standardize_features and "clip_proj.weight" in self.params and self.image_fn is not None
         if resume:
             self._restore()
+        elif self.standardize:
+            paths = [e.image for s in self.streams.values() for e in s.examples if e.image]
+            self.model.feature_norm = feature_stats(self.model, self.image_fn, paths, self.device, seed=t.seed)
+            self.log(f"features standardised per channel (statistics of {min(len(set(paths)), FEATURE_STATS_IMAGES)} training images)")
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -492,7 +520,10 @@ class Trainer:
     def tensors_to_save(self) -> dict[str, torch.Tensor]:
         """Full tensors (FSDP shards gathered: every rank must call this)."""
         keep = set(self.params) | self.initial
-        return {n: full_tensor(p.detach()) for n, p in self.model.named_parameters() if n in keep}
+        tensors = {n: full_tensor(p.detach()) for n, p in self.model.named_parameters() if n in keep}
+        if self.model.feature_norm is not None:  # saved as a plain projection of raw features
+            tensors.update(self.model.folded_clip_proj())
+        return tensors
 
     def save(self, complete: bool, summary: dict[str, Any]) -> None:
         tensors = self.tensors_to_save()  # collectives under FSDP: all ranks take part
@@ -509,6 +540,10 @@ class Trainer:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
             "streams": {n: s.state() for n, s in self.streams.items()},
         }
+        if self.model.feature_norm is not None:  # resume from the unfolded projection: exact
+            mean, inv_std = self.model.feature_norm
+            state["feature_norm"] = {"mean": mean, "inv_std": inv_std,
+                                     **{n: p.detach().cpu() for n, p in self.model.clip_proj.named_parameters()}}
         buf = io.BytesIO()
         torch.save(state, buf)
         metrics = (self.out / METRICS_FILE).read_bytes() if (self.out / METRICS_FILE).exists() else b""
@@ -531,6 +566,14 @@ class Trainer:
             for n, p in self.model.named_parameters():
                 if n in saved:
                     p.copy_(like(saved[n].to(p.dtype), p))
+        norm = state.get("feature_norm")
+        if (norm is not None) != self.standardize:
+            raise Lav2Error(f"{self.out}: train.standardize_features differs from the run being resumed")
+        if norm is not None:
+            self.model.feature_norm = (norm["mean"], norm["inv_std"])
+            with torch.no_grad():
+                for n, p in self.model.clip_proj.named_parameters():
+                    p.copy_(norm[n].to(p))
         opt = state["optimizer"]
         order = [p for g in self.optimizer.param_groups for p in g["params"]]
         opt["state"] = {i: {k: like(v, order[int(i)]) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in st.items()}

@@ -157,8 +157,10 @@ def final_tensors(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "adapter.safetensors"))
 
 
-def test_resume_continues_exactly(setup, tmp_path):
-    common = ["--recipe", str(ROOT / "recipes/tiny.toml"), *sets(setup, train__checkpoint_every=3)]
+@pytest.mark.parametrize("standardize", [False, True], ids=["raw", "standardized-features"])
+def test_resume_continues_exactly(setup, tmp_path, standardize):
+    common = ["--recipe", str(ROOT / "recipes/tiny.toml"),
+              *sets(setup, train__checkpoint_every=3, train__standardize_features=str(standardize).lower())]
     full, part = tmp_path / "full", tmp_path / "part"
     assert run_cli("train", *common, "--out", str(full), "--max-steps", "6").returncode == 0
     assert run_cli("train", *common, "--out", str(part), "--max-steps", "6", "--stop-after", "4").returncode == 0
@@ -374,3 +376,33 @@ def test_encoder_stage_gives_mid_level_tokens(setup):
                                                               model__encoder='"open_clip:ViT-B-32"'))
     with pytest.raises(Lav2Error, match="timm encoders only"):
         bad.encoder_spec()
+
+
+def test_standardized_features_fold_into_a_plain_clip_proj(setup, tmp_path):
+    """train.standardize_features: the saved clip_proj acts on raw features exactly as the trained
+    one did on standardised features (fold == unfolded), the saved key set is the usual one, and
+    the statistics are those of the training images."""
+    r = load_recipe(ROOT / "recipes/tiny.toml", overrides(setup, train__standardize_features="true", train__max_steps=3))
+    (tmp_path / "run").mkdir()
+    trainer = Trainer(r, tmp_path / "run", resume=False, log=lambda m: None, show_progress=False)
+    model = trainer.model
+    mean, inv_std = model.feature_norm
+    paths = sorted({e.image for s in trainer.streams.values() for e in s.examples if e.image})
+    feats = torch.stack([trainer.image_fn(p) for p in paths]).flatten(0, 1)
+    assert torch.allclose(mean, feats.mean(0), atol=1e-4)
+    assert torch.allclose(inv_std, 1 / feats.std(0, unbiased=False).clamp_min(1e-3 * feats.std(0).max()), rtol=1e-3)
+    trainer.run()
+    images = torch.stack([trainer.image_fn(p) for p in paths[:4]])
+    model.eval()
+    with torch.no_grad():
+        trained = model.visual_tokens(images)
+        for n, t in model.folded_clip_proj().items():
+            model.get_parameter(n).copy_(t)
+        model.feature_norm = None
+        folded = model.visual_tokens(images)
+    assert torch.allclose(trained, folded, atol=1e-4), (trained - folded).abs().max()
+    saved = load_file(str(tmp_path / "run" / "adapter.safetensors"))
+    assert torch.equal(saved["clip_proj.weight"], model.clip_proj.weight) and torch.equal(saved["clip_proj.bias"], model.clip_proj.bias)
+    plain = Trainer(load_recipe(ROOT / "recipes/tiny.toml", overrides(setup, train__max_steps=1)), tmp_path / "plain",
+                    resume=False, log=lambda m: None, show_progress=False)
+    assert plain.model.feature_norm is None and set(plain.tensors_to_save()) == set(saved)

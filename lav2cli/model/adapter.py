@@ -163,6 +163,10 @@ class LlamaAdapterV2(nn.Module):
             self.visual_blocks = nn.ModuleList(ViTBlock(v.width, v.heads, v.mlp_ratio) for _ in range(v.depth))
             self.visual_proj = nn.Linear(v.width, config.dim)
             self.visual_proj_norm = nn.LayerNorm(config.dim)
+        # set only while training with `train.standardize_features`: (mean, 1/std) per encoder
+        # channel; clip_proj then reads standardised features and `folded_clip_proj` turns it
+        # back into a plain projection of raw features for saving (not a saved tensor)
+        self.feature_norm: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def has_visual(self) -> bool:
@@ -193,9 +197,11 @@ class LlamaAdapterV2(nn.Module):
         a = self.adapter
         if image_mask is not None and a.text_only_zero_image and images.dim() == 4:
             images = images * image_mask.view(-1, 1, 1, 1).to(images.dtype)
-        feats = self.encode_images(images)
-        w = self.clip_proj.weight
-        x = self.clip_proj_norm(self.clip_proj(feats.to(w.dtype)))
+        feats = self.encode_images(images).to(self.clip_proj.weight.dtype)
+        if self.feature_norm is not None:
+            mean, inv_std = self.feature_norm
+            feats = (feats - mean.to(feats)) * inv_std.to(feats)
+        x = self.clip_proj_norm(self.clip_proj(feats))
         x = torch.cat([self.visual_query.weight.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
         for blk in self.visual_blocks:
             x = blk(x)
@@ -203,6 +209,16 @@ class LlamaAdapterV2(nn.Module):
         if image_mask is not None and not a.text_only_zero_image:
             x = x * image_mask.view(-1, 1, 1).to(x.dtype)
         return x
+
+    def folded_clip_proj(self) -> dict[str, torch.Tensor]:
+        """clip_proj as it acts on raw encoder features: with standardised inputs
+        W (x - m) * s + b = (W diag s) x + (b - (W diag s) m)."""
+        w, b = self.clip_proj.weight.detach(), self.clip_proj.bias.detach()
+        if self.feature_norm is None:
+            return {"clip_proj.weight": w, "clip_proj.bias": b}
+        mean, inv_std = (t.to(w.device, torch.float64) for t in self.feature_norm)
+        folded = w.double() * inv_std
+        return {"clip_proj.weight": folded.to(w.dtype), "clip_proj.bias": (b.double() - folded @ mean).to(b.dtype)}
 
     def _zero_images(self, batch: int) -> torch.Tensor:
         size = int(getattr(self.clip, "image_size", 224))
