@@ -469,6 +469,7 @@ def bench_decode(
     new_tokens: int = typer.Option(200, min=2),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step."),
     variant: str = typer.Option("paper", help="paper, official or none (the plain base)."),
+    fold: bool = typer.Option(True, "--fold/--no-fold", help="Fold the adapter's scales into the weights, as ask and eval do."),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto", help="auto: bf16 on CUDA, fp32 on CPU."),
     as_json: bool = typer.Option(False, "--json"),
@@ -486,7 +487,7 @@ def bench_decode(
 
     dev = resolve_device(device)
     _bench_print(bench.bench_decode(shape, batch, prompt_len, new_tokens, compile, variant, dev,
-                                    resolve_dtype(dtype, dev)), as_json)
+                                    resolve_dtype(dtype, dev), fold=fold), as_json)
 
 
 @bench_app.command("train")
@@ -530,11 +531,11 @@ def _stderr():
     return Console(stderr=True, highlight=False)
 
 
-def _load_engine(model: str, base: str | None, clip: str | None, device: str, dtype: str):
+def _load_engine(model: str, base: str | None, clip: str | None, device: str, dtype: str, inference: bool):
     from lav2cli.engine import load
 
     with _stderr().status(f"loading {model} ...", spinner="dots"):
-        return load(model, base=base, clip=clip, device=device, dtype=dtype)
+        return load(model, base=base, clip=clip, device=device, dtype=dtype, inference=inference)
 
 
 @app.command()
@@ -575,7 +576,7 @@ def ask(
     experts = Experts(ExpertOptions.make(expert, caption_model, caption_threshold, ocr_engine, device, dtype))
     ask_mod.check_image_arg(image, experts)
     experts.load()
-    engine = _load_engine(model, base, clip, device, dtype)
+    engine = _load_engine(model, base, clip, device, dtype, inference=True)
     err = _stderr()
     status = ask_mod.run(engine, image, prompt, Sampling(max_new_tokens, temperature, top_p, seed),
                          as_json=as_json, show_prompt=show_prompt, model_name=model, compile=compile,
@@ -610,7 +611,7 @@ def info(
         for name, desc in known_models():
             print(f"{name}\t{desc}")
         return
-    engine = _load_engine(ref, base, clip, "cpu", "bfloat16")  # counts only: half the memory of fp32
+    engine = _load_engine(ref, base, clip, "cpu", "bfloat16", inference=False)  # counts only: half the memory of fp32
     data = info_mod.describe(engine)
     if as_json:
         print(json.dumps(data))

@@ -269,11 +269,13 @@ class Engine:
 
 def load(ref: str, *, base: str | None = None, clip: str | None = None,
          device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
-         adapter: AdapterConfig | None = None, encoder: dict[str, Any] | None = None) -> Engine:
+         adapter: AdapterConfig | None = None, encoder: dict[str, Any] | None = None,
+         inference: bool = False) -> Engine:
     """Resolve a model reference (DESIGN.md section 2) and build the engine.
 
     `adapter` (with `encoder`, an encoder spec, when it has a visual branch) puts a fresh
-    adapter on a base reference: the starting point of training.
+    adapter on a base reference: the starting point of training. `inference=True` folds the
+    adapter's scales into the frozen weights (faster; the engine can then not train or save).
     """
     from lav2cli.formats import artifact, official
 
@@ -345,4 +347,6 @@ def load(ref: str, *, base: str | None = None, clip: str | None = None,
                        base_ref=base_ref, base_format=bw.format, encoder=enc_spec if encoder else None,
                        preprocess=preprocess if encoder else None, files=files, meta=meta)
     transform = preprocess.transform() if (preprocess is not None and encoder is not None) else None
+    if inference:
+        model.fold_for_inference()
     return Engine(model, bw.tokenizer, transform, cfg, dev, dt)

@@ -174,7 +174,7 @@ class ModelCaptioner:
         from lav2cli.data.prepare import CAPTION_INSTRUCTION
         from lav2cli.engine import load
 
-        self.engine = load(ref, device=device, dtype=dtype)
+        self.engine = load(ref, device=device, dtype=dtype, inference=True)
         if not self.engine.can_see:
             raise Lav2Error(f"--caption-model {ref}: no trained visual branch, so it cannot caption images")
         self.instruction, self.max_new_tokens = CAPTION_INSTRUCTION, max_new_tokens

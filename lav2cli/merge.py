@@ -35,6 +35,7 @@ import torch
 
 from lav2cli import __version__
 from lav2cli.errors import Lav2Error
+from lav2cli.model.adapter import AdaptedLinear
 
 FORMATS = ("lav2", "hf", "meta")
 FOLDED = "llama.safetensors"  # the lav2 layout's folded base (Meta names)
@@ -90,19 +91,17 @@ def fold(model) -> tuple[dict[str, torch.Tensor], list[str]]:
         for name, mod in LINEARS.items():
             parent = getattr(layer, mod)
             lin = getattr(parent, name)
-            w = lin.weight.detach().float()
-            b = lin.bias.detach().float() if lin.bias is not None else None
-            s = getattr(lin, "scale", None)
+            delta = None
             if getattr(parent, "lora_rank", 0):
                 l1 = getattr(parent, f"lora_{name}_l1").weight.detach().float()
-                l2 = getattr(parent, f"lora_{name}_l2").weight.detach().float()
-                w = w + l2 @ l1
+                delta = getattr(parent, f"lora_{name}_l2").weight.detach().float() @ l1
                 kinds.add("LoRA")
-            if s is not None:
-                s = s.detach().float()
-                w = s[:, None] * w
-                b = s * b if b is not None else None
+            if getattr(lin, "scale", None) is not None:
                 kinds.add("scale")
+            if isinstance(lin, AdaptedLinear):
+                w, b = lin.folded(delta)
+            else:
+                w, b = lin.weight.detach().float(), lin.bias.detach().float() if lin.bias is not None else None
             sd[f"layers.{i}.{mod}.{name}.weight"] = w
             if b is not None:
                 sd[f"layers.{i}.{mod}.{name}.bias"] = b

@@ -240,3 +240,30 @@ def test_examples_tokenise_prompt_and_response_together(spm_model_path):
     assert labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt) and labels[len(prompt):] == ids[len(prompt):]
     assert ids[:-1] == tok.encode(tpl.prompt("name a color") + "the red cat", bos=True)
     assert tok.decode(ids[len(prompt):-1]).strip() == "the red cat"
+
+
+@pytest.mark.parametrize("variant, lora, prompt_lora, expected", [
+    ("paper", 0, 0, 7 * 3),  # every linear of the 3 layers
+    ("paper", 4, 0, 0),  # LoRA adds before the scale
+    ("paper", 0, 4, 7 * 3 - 4 * 2),  # the 2 prompt layers' attention linears carry a prompt-only LoRA
+    ("official", 0, 0, 0),  # no scales
+])
+def test_folding_scales_for_inference_keeps_logits_and_tokens(variant, lora, prompt_lora, expected):
+    """fold_for_inference: W' = diag(s) W, b' = s b for every linear without a LoRA pair; the
+    logits and greedy tokens stay those of the unfolded model, and the folded model refuses to
+    hand out its (no longer trained) adapter tensors."""
+    _, model = adapted(variant, lora=lora, prompt_lora_rank=prompt_lora)
+    perturb_adapter(model)
+    open_gates(model)
+    tokens = torch.randint(0, TINY.vocab_size, (2, 9))
+    feats = torch.randn(2, 7, ENC_DIM)
+    s = Sampling(max_new_tokens=8, temperature=0)
+    with torch.no_grad():
+        ref = model(tokens, feats)
+    want = generate(model, [[5, 17, 3, 44, 9]], stop_ids=frozenset(), pad_id=0, images=feats[:1], sampling=s)
+    assert model.fold_for_inference() == expected
+    with torch.no_grad():
+        assert torch.allclose(model(tokens, feats), ref, atol=1e-5)
+    assert generate(model, [[5, 17, 3, 44, 9]], stop_ids=frozenset(), pad_id=0, images=feats[:1], sampling=s) == want
+    with pytest.raises(RuntimeError, match="folded for inference"):
+        model.adapter_state_dict()

@@ -363,7 +363,7 @@ def _load(opts: EvalOptions, log):
     from lav2cli.engine import load
 
     with _stderr().status(f"loading {opts.model} ...", spinner="dots"):
-        return load(opts.model, base=opts.base, clip=opts.clip, device=opts.device, dtype=opts.dtype)
+        return load(opts.model, base=opts.base, clip=opts.clip, device=opts.device, dtype=opts.dtype, inference=True)
 
 
 def run(task: str, **kwargs: Any) -> None:

@@ -56,6 +56,19 @@ class AdaptedLinear(nn.Module):
             y = y * self.scale.to(y.dtype)
         return y
 
+    def folded(self, delta_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """float32 (W', b') of the plain linear this one equals: W' = diag(s) (W + delta_weight),
+        b' = s b (a LoRA pair folds in as delta_weight = B A)."""
+        w = self.weight.detach().float()
+        if delta_weight is not None:
+            w = w + delta_weight
+        b = self.bias.detach().float() if self.bias is not None else None
+        if self.scale is not None:
+            s = self.scale.detach().float()
+            w = s[:, None] * w
+            b = s * b if b is not None else None
+        return w, b
+
 
 class _Adapted:
     """Shared by attention and feed-forward: adapted linears plus sibling LoRA pairs."""
@@ -173,11 +186,36 @@ class LlamaAdapterV2(nn.Module):
         return self.adapter is not None and self.adapter.visual is not None
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        if getattr(self, "folded_for_inference", False):
+            raise RuntimeError("this model's scales were folded for inference: its adapter tensors are no longer the trained ones")
         return {n: p.detach() for n, p in self.named_parameters() if is_adapter_param(n)}
 
     def freeze_base(self) -> None:
         for n, p in self.named_parameters():
             p.requires_grad_(is_adapter_param(n))
+
+    @torch.no_grad()
+    def fold_for_inference(self) -> int:
+        """Fold each scale into its frozen weight and bias, W' = diag(s) W, b' = s b, so that an
+        adapted linear is one F.linear again (eager decoding runs ~200 fewer small ops per token
+        on a 30-layer model). Linears with a LoRA or prompt-only LoRA pair keep their scale: the
+        pair's output is added before it. Inference only: the model cannot be trained or saved
+        afterwards. Returns the number of linears folded."""
+        folded = 0
+        for layer in self.llama.layers if self.adapter is not None else ():
+            for parent in (layer.attention, layer.feed_forward):
+                if getattr(parent, "lora_rank", 0) or getattr(parent, "prompt_lora", False):
+                    continue
+                for lin in parent.children():
+                    if isinstance(lin, AdaptedLinear) and lin.scale is not None:
+                        w, b = lin.folded()
+                        lin.weight.copy_(w)
+                        if b is not None:
+                            lin.bias.copy_(b)
+                        lin.scale = None
+                        folded += 1
+        self.folded_for_inference = True
+        return folded
 
     # -- visual branch ----------------------------------------------------------------------
 
