@@ -77,6 +77,20 @@ _HEADLINE = {"vqa": ("accuracy",), "text": ("contains_answer", "exact_match", "l
 
 
 def _training_rows(tr: dict[str, Any]) -> list[tuple[str, str]]:
+    """Rows for each training stage, the earliest first (a stage that continued an artifact
+    keeps that artifact's record under `previous`)."""
+    stages = []
+    while isinstance(tr, dict) and tr:
+        stages.append(tr)
+        tr = tr.get("previous")
+    rows: list[tuple[str, str]] = []
+    for i, st in enumerate(reversed(stages)):
+        label = f"stage {i + 1} ({st.get('stage')}): " if len(stages) > 1 else ""
+        rows += [(label + k, v) for k, v in _stage_rows(st)]
+    return rows
+
+
+def _stage_rows(tr: dict[str, Any]) -> list[tuple[str, str]]:
     rows = [("training", f"stage {tr.get('stage')}, {tr.get('step')}/{tr.get('total_steps')} steps"
                          f"{'' if tr.get('complete') else ' (incomplete)'}, global batch {tr.get('global_batch')}, "
                          f"peak lr {tr.get('lr', 0):.3g}, final loss {tr.get('final_loss', float('nan')):.3f}")]

@@ -332,9 +332,11 @@ class Trainer:
         load_device = "cpu" if self.fsdp else device
         dtype = "bfloat16" if device.type == "cuda" and t.precision != "fp32" else "float32"  # of the frozen base
         kind, _ = classify_ref(r.model.ref)
+        self.previous_stage = None  # the training record of the artifact this run continues
         if kind == "artifact":  # continue from an earlier stage: its adapter, its encoder
             self.engine = load(r.model.ref, base=r.model.base or None, device=load_device, dtype=dtype)
             self.initial = set(artifact.load_tensors(Path(r.model.ref)))
+            self.previous_stage = self.engine.config.meta.get("training")
         else:
             self.engine = load(r.model.ref, device=load_device, dtype=dtype, adapter=r.adapter_config(),
                                encoder=r.encoder_spec())
@@ -386,6 +388,7 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, warm, self.total_steps, min_ratio))
         self.step = 0
         self.last_saved = -1
+        self.seconds_before = 0.0  # training time of the run before a --resume
         self.standardize = t.standardize_features and "clip_proj.weight" in self.params and self.image_fn is not None
         if resume:
             self._restore()
@@ -551,6 +554,8 @@ class Trainer:
                     "complete": complete, "recipe": self.recipe.to_dict(),
                     "data": {n: len(s.examples) for n, s in self.streams.items()},
                     "groups": dict(self.print_groups())}
+        if self.previous_stage:
+            training["previous"] = self.previous_stage
         self.engine.save_adapter(self.out, training=training, tensors=tensors,
                                  extra_files={STATE_FILE: buf.getvalue(), METRICS_FILE: metrics,
                                               RECIPE_FILE: self.recipe.render_toml().encode()})
@@ -588,6 +593,7 @@ class Trainer:
             self.streams[n].restore(s)
         self.step = int(state["step"])
         self.last_saved = self.step
+        self.seconds_before = float(artifact.read_meta(self.out).get("training", {}).get("seconds") or 0.0)
         lines = (self.out / METRICS_FILE).read_text().splitlines() if (self.out / METRICS_FILE).exists() else []
         keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
         if self.dist.main:
@@ -642,7 +648,7 @@ class Trainer:
 
     def _summary(self, last: dict, tokens: int, t0: float) -> dict[str, Any]:
         return {"final_loss": last.get("loss"), "tokens_per_s": last.get("tokens_per_s"),
-                "seconds": round(time.perf_counter() - t0, 2), "device": str(self.device),
+                "seconds": round(self.seconds_before + time.perf_counter() - t0, 2), "device": str(self.device),
                 "world_size": self.dist.world, "global_batch": self.global_batch, "lr": self.lr}
 
 

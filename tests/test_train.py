@@ -406,3 +406,19 @@ def test_standardized_features_fold_into_a_plain_clip_proj(setup, tmp_path):
     plain = Trainer(load_recipe(ROOT / "recipes/tiny.toml", overrides(setup, train__max_steps=1)), tmp_path / "plain",
                     resume=False, log=lambda m: None, show_progress=False)
     assert plain.model.feature_norm is None and set(plain.tensors_to_save()) == set(saved)
+
+
+def test_a_stage_continuing_an_artifact_keeps_its_record(setup, tmp_path):
+    """finetune from a pretrain artifact: lav2.json keeps the pretrain record under `previous`,
+    and `lav2 info` shows both stages, the earliest first."""
+    first, second = tmp_path / "pretrain", tmp_path / "finetune"
+    common = ["--recipe", str(ROOT / "recipes/tiny.toml"), *sets(setup)]
+    assert run_cli("train", *common, "--stage", "pretrain", "--out", str(first), "--max-steps", "2").returncode == 0
+    r = run_cli("train", *common, "--stage", "finetune", "--out", str(second), "--max-steps", "2",
+                "--set", f'model.ref="{first}"')
+    assert r.returncode == 0, r.stderr
+    tr = json.loads((second / "lav2.json").read_text())["training"]
+    assert tr["stage"] == "finetune" and tr["previous"]["stage"] == "pretrain" and tr["previous"]["step"] == 2
+    r = run_cli("info", str(second))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.index("stage 1 (pretrain): training") < r.stdout.index("stage 2 (finetune): training"), r.stdout
