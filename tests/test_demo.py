@@ -66,26 +66,25 @@ def test_info_demo_shows_how_it_was_trained():
     assert r.returncode == 0 and "eval: vqa" in r.stdout and "recipe: [data]" in r.stdout, r.stdout
 
 
-def test_demo_looks_at_the_image():
-    """Easy-VQA test images of each shape get answers naming their own shape, so answers differ as
-    the images do. (Colours: the shipped demo does not tell them apart yet; see the README.)"""
-    images = easyvqa_images()
-    first = {}
-    for i, (path, _, shape) in images.items():
-        first.setdefault(shape, path)
-    assert len(first) == 3
-    answers = {}
-    for shape, path in first.items():
-        r = run_cli("ask", path, "What shape is in the image?", "--model", "demo", "--temperature", "0",
-                    "--max-new-tokens", "10", "--json")
-        assert r.returncode == 0, r.stderr
-        answers[shape] = json.loads(r.stdout)["answer"].strip().lower()
-        assert shape in answers[shape], (path, answers[shape])
-    assert len(set(answers.values())) == 3, answers
-    r = run_cli("ask", first["circle"], "What color is the shape?", "--model", "demo", "--temperature", "0",
-                "--max-new-tokens", "10", "--json")
+def ask_demo(path: str, question: str) -> str:
+    r = run_cli("ask", path, question, "--model", "demo", "--temperature", "0", "--max-new-tokens", "10", "--json")
     assert r.returncode == 0, r.stderr
-    assert any(c in json.loads(r.stdout)["answer"].lower() for c in EASYVQA_COLOURS)  # answers with a colour
+    return json.loads(r.stdout)["answer"].strip().lower()
+
+
+def test_demo_looks_at_the_image():
+    """Easy-VQA test images whose shape or colour differ get answers that differ accordingly: the
+    first test image of each shape is named by its shape, the first of four colours by its colour."""
+    images = easyvqa_images()
+    by_shape, by_colour = {}, {}
+    for i, (path, colour, shape) in images.items():
+        by_shape.setdefault(shape, path)
+        by_colour.setdefault(colour, path)
+    assert len(by_shape) == 3
+    shapes = {shape: ask_demo(path, "What shape is in the image?") for shape, path in by_shape.items()}
+    assert all(shape in answer for shape, answer in shapes.items()), shapes
+    colours = {c: ask_demo(by_colour[c], "What color is the shape?") for c in ("red", "green", "blue", "yellow")}
+    assert all(colour in answer for colour, answer in colours.items()), colours
 
 
 def test_demo_still_answers_text_questions():
