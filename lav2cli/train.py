@@ -390,6 +390,8 @@ class Trainer:
         self.last_saved = -1
         self.seconds_before = 0.0  # training time of the run before a --resume
         self.standardize = t.standardize_features and "clip_proj.weight" in self.params and self.image_fn is not None
+        if t.standardize_features and not self.standardize:
+            self.log("train.standardize_features: no visual branch trains in this run, nothing to standardise")
         if resume:
             self._restore()
         elif self.standardize:
