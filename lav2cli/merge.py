@@ -35,7 +35,6 @@ import torch
 
 from lav2cli import __version__
 from lav2cli.errors import Lav2Error
-from lav2cli.model.adapter import AdaptedLinear
 
 FORMATS = ("lav2", "hf", "meta")
 FOLDED = "llama.safetensors"  # the lav2 layout's folded base (Meta names)
@@ -96,12 +95,9 @@ def fold(model) -> tuple[dict[str, torch.Tensor], list[str]]:
                 l1 = getattr(parent, f"lora_{name}_l1").weight.detach().float()
                 delta = getattr(parent, f"lora_{name}_l2").weight.detach().float() @ l1
                 kinds.add("LoRA")
-            if getattr(lin, "scale", None) is not None:
+            if lin.scale is not None:
                 kinds.add("scale")
-            if isinstance(lin, AdaptedLinear):
-                w, b = lin.folded(delta)
-            else:
-                w, b = lin.weight.detach().float(), lin.bias.detach().float() if lin.bias is not None else None
+            w, b = lin.folded(delta)  # merge refuses a model without an adapter: every linear is adapted
             sd[f"layers.{i}.{mod}.{name}.weight"] = w
             if b is not None:
                 sd[f"layers.{i}.{mod}.{name}.bias"] = b

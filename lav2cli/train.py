@@ -378,6 +378,8 @@ class Trainer:
             if grp == INSTRUCTION and r.data.text:
                 ex += load_examples(r.data.text, tok, tpl, r.data.max_tokens) * r.data.text_repeat
             self.streams[grp] = Stream(grp, ex, micro, t.seed + (0 if grp == IMAGE_TEXT else 1))
+        # every image the streams read, once: the feature cache and the feature statistics use it
+        self.image_paths = sorted({e.image for s in self.streams.values() for e in s.examples if e.image})
         self.image_fn = self._image_fn()
         self.pool = ThreadPoolExecutor(max(1, r.data.workers))  # decodes a batch's images in parallel
         per_epoch = sum(s.batches_per_epoch for s in self.streams.values()) // t.grad_accum
@@ -395,9 +397,9 @@ class Trainer:
         if resume:
             self._restore()
         elif self.standardize:
-            paths = [e.image for s in self.streams.values() for e in s.examples if e.image]
-            self.model.feature_norm = feature_stats(self.model, self.image_fn, paths, self.device, seed=t.seed)
-            self.log(f"features standardised per channel (statistics of {min(len(set(paths)), FEATURE_STATS_IMAGES)} training images)")
+            self.model.feature_norm = feature_stats(self.model, self.image_fn, self.image_paths, self.device, seed=t.seed)
+            n = min(len(self.image_paths), FEATURE_STATS_IMAGES)
+            self.log(f"features standardised per channel (statistics of {n} training images)")
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -405,7 +407,7 @@ class Trainer:
         eng = self.engine
         if not eng.model.has_visual or eng.image_transform is None:
             return None
-        paths = [e.image for s in self.streams.values() for e in s.examples if e.image]
+        paths = self.image_paths
         if not paths:
             return None
         if self.recipe.data.feature_cache:

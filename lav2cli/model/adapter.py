@@ -152,6 +152,11 @@ class LlamaAdapterV2(nn.Module):
     def __init__(self, config: LlamaConfig, adapter: AdapterConfig | None = None, encoder: nn.Module | None = None):
         super().__init__()
         self.config = config
+        self.folded_for_inference = False  # set by fold_for_inference()
+        # set only while training with `train.standardize_features`: (mean, 1/std) per encoder
+        # channel; clip_proj then reads standardised features and `folded_clip_proj` turns it
+        # back into a plain projection of raw features for saving (not a saved tensor)
+        self.feature_norm: tuple[torch.Tensor, torch.Tensor] | None = None
         self.adapter = a = adapter.resolved(config.n_layers) if adapter is not None else None
         if a is None:
             self.llama = Transformer(config)
@@ -176,17 +181,13 @@ class LlamaAdapterV2(nn.Module):
             self.visual_blocks = nn.ModuleList(ViTBlock(v.width, v.heads, v.mlp_ratio) for _ in range(v.depth))
             self.visual_proj = nn.Linear(v.width, config.dim)
             self.visual_proj_norm = nn.LayerNorm(config.dim)
-        # set only while training with `train.standardize_features`: (mean, 1/std) per encoder
-        # channel; clip_proj then reads standardised features and `folded_clip_proj` turns it
-        # back into a plain projection of raw features for saving (not a saved tensor)
-        self.feature_norm: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def has_visual(self) -> bool:
         return self.adapter is not None and self.adapter.visual is not None
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        if getattr(self, "folded_for_inference", False):
+        if self.folded_for_inference:
             raise RuntimeError("this model's scales were folded for inference: its adapter tensors are no longer the trained ones")
         return {n: p.detach() for n, p in self.named_parameters() if is_adapter_param(n)}
 
