@@ -397,11 +397,26 @@ class Trainer:
         if resume:
             self._restore()
         elif self.standardize:
-            self.model.feature_norm = feature_stats(self.model, self.image_fn, self.image_paths, self.device, seed=t.seed)
+            stats = feature_stats(self.model, self.image_fn, self.image_paths, self.device, seed=t.seed)
             n = min(len(self.image_paths), FEATURE_STATS_IMAGES)
-            self.log(f"features standardised per channel (statistics of {n} training images)")
+            if self._continues_trained_clip_proj():  # same function, new coordinates
+                self.model.standardize_trained_clip_proj(*stats)
+                self.log(f"features standardised per channel (statistics of {n} training images); "
+                         f"the source artifact's clip_proj re-expressed on them")
+            else:
+                self.model.feature_norm = stats
+                self.log(f"features standardised per channel (statistics of {n} training images)")
 
     # -- helpers -----------------------------------------------------------------------------
+
+    def _continues_trained_clip_proj(self) -> bool:
+        """Does clip_proj come from the source artifact (rather than its fresh initial value)?"""
+        from safetensors import safe_open
+
+        if self.engine.config.kind != "artifact":
+            return False
+        with safe_open(str(self.engine.config.files[-1]), "pt") as f:
+            return "clip_proj.weight" in f.keys()
 
     def _image_fn(self) -> Callable[[str], torch.Tensor] | None:
         eng = self.engine

@@ -408,6 +408,26 @@ def test_standardized_features_fold_into_a_plain_clip_proj(setup, tmp_path):
     assert plain.model.feature_norm is None and set(plain.tensors_to_save()) == set(saved)
 
 
+def test_standardizing_a_trained_visual_branch_keeps_its_function(setup, tmp_path):
+    """A stage that continues an artifact with train.standardize_features starts from the same
+    visual tokens: its trained clip_proj is re-expressed on standardised features, not reused
+    as if it had been trained on them."""
+    first = tmp_path / "pretrain"
+    r = load_recipe(ROOT / "recipes/tiny.toml", overrides(setup, train__stage='"pretrain"', train__max_steps=2))
+    first.mkdir()
+    Trainer(r, first, resume=False, log=lambda m: None, show_progress=False).run()
+    r2 = load_recipe(ROOT / "recipes/tiny.toml", overrides(setup, model__ref=f'"{first}"', train__stage='"pretrain"',
+                                                          train__standardize_features="true", train__max_steps=1))
+    (tmp_path / "again").mkdir()
+    again = Trainer(r2, tmp_path / "again", resume=False, log=lambda m: None, show_progress=False)
+    assert again.model.feature_norm is not None
+    source = engine.load(str(first), device="cpu").model
+    inputs = torch.stack([again.image_fn(p) for p in sorted(again.image_paths)[:4]])  # cached encoder features
+    with torch.no_grad():
+        want, got = source.visual_tokens(inputs), again.model.visual_tokens(inputs)
+    assert torch.allclose(want, got, atol=1e-4), (want - got).abs().max()
+
+
 def test_a_stage_continuing_an_artifact_keeps_its_record(setup, tmp_path):
     """finetune from a pretrain artifact: lav2.json keeps the pretrain record under `previous`,
     and `lav2 info` shows both stages, the earliest first."""

@@ -259,6 +259,17 @@ class LlamaAdapterV2(nn.Module):
         folded = w.double() * inv_std
         return {"clip_proj.weight": folded.to(w.dtype), "clip_proj.bias": (b.double() - folded @ mean).to(b.dtype)}
 
+    @torch.no_grad()
+    def standardize_trained_clip_proj(self, mean: torch.Tensor, inv_std: torch.Tensor) -> None:
+        """Switch a trained clip_proj to standardised inputs without changing what it computes (the
+        inverse of folded_clip_proj): W' = W diag(1/s), b' = b + W m."""
+        w, b = self.clip_proj.weight, self.clip_proj.bias
+        m, s = mean.to(w.device, torch.float64), inv_std.to(w.device, torch.float64)
+        w64 = w.double()
+        b.copy_((b.double() + w64 @ m).to(b.dtype))
+        w.copy_((w64 / s).to(w.dtype))
+        self.feature_norm = (mean, inv_std)
+
     def _zero_images(self, batch: int) -> torch.Tensor:
         size = int(getattr(self.clip, "image_size", 224))
         ref = self.clip_proj.weight
