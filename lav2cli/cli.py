@@ -177,6 +177,7 @@ def prepare_easyvqa(
     split: Annotated[Literal["train", "test", "both"], typer.Option("--split", help="Which easy-VQA set(s).")] = "both",
     kind: Annotated[Literal["vqa", "caption", "both"], typer.Option("--kind", help="Question records, caption records (a red circle), or both.")] = "both",
     instruction: _Instruction = None,
+    yes_no_twins: Annotated[bool, typer.Option("--yes-no-twins", help="After each yes/no question, its twin about the same image with the other answer (the image's own colour or shape swapped in or out): yes and no become equally likely, so the answer must come from the image. For training sets.")] = False,
     val_fraction: _Val = 0.0,
     strict: _Strict = False,
     check_images: _Check = True,
@@ -189,6 +190,8 @@ def prepare_easyvqa(
       lav2 prepare easyvqa --out data/easyvqa/records.jsonl
 
       lav2 prepare easyvqa --split train --kind caption --out data/easyvqa/captions.jsonl
+
+      lav2 prepare easyvqa --split train --kind vqa --yes-no-twins --out data/easyvqa/vqa.jsonl
     """
     _data.prepare("easyvqa", **locals())
 

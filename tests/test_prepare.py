@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
+import re
 import subprocess
 import sys
 
@@ -381,6 +383,44 @@ def test_easyvqa_package(tmp_path):
     assert [i["path"].endswith("questions.json") for i in m["inputs"]] == [True, True]
     with pytest.raises(Lav2Error, match="--out FILE"):
         run("easyvqa", "-", split="test")
+
+
+def test_easyvqa_twin_swaps_the_named_attribute_and_flips_the_answer():
+    twin = P.easyvqa_twin
+    pick = random.Random(0)
+    shown = {"blue", "circle"}
+    assert twin("is there a red shape?", "no", shown, pick) == ("is there a blue shape?", "yes")
+    assert twin("is there not a circle in the image?", "no", shown, pick) is not None
+    q, a = twin("is there not a circle in the image?", "no", shown, pick)
+    assert a == "yes" and q.replace("rectangle", "triangle") == "is there not a triangle in the image?"
+    assert twin("does the image not contain a triangle?", "yes", shown, pick) == ("does the image not contain a circle?", "no")
+    assert twin("what is the blue shape?", "circle", shown, pick) is None
+    assert twin("is there a red shape?", "no", {"circle"}, pick) is None  # the image's colour is unknown
+    assert twin("is there a red circle?", "no", shown, pick) is None  # two attributes named
+
+
+def test_easyvqa_yes_no_twins_are_true_to_their_image_and_balance_the_answers(tmp_path):
+    out = tmp_path / "ev" / "records.jsonl"
+    run("easyvqa", out, split="test", kind="vqa", yes_no_twins=True, check_images=False)
+    recs = lines(out)
+    shown: dict[int, set[str]] = {}
+    for r in recs:
+        if r["instruction"].startswith("what"):
+            shown.setdefault(r["image_id"], set()).update(P.easyvqa_attributes(r["instruction"], r["output"]))
+    twins = [r for r in recs if r["id"].endswith("-twin")]
+    assert len(twins) > 2000 and all(recs[recs.index(t) - 1]["id"] == t["twin_of"] for t in twins[:50])
+    yes_no = [r for r in recs if r["output"] in ("yes", "no")]
+    checked = 0
+    for r in yes_no:  # a yes/no answer affirms the attribute it names iff the image shows it
+        named = [w for w in re.findall(r"[a-z]+", r["instruction"]) if w in P.EASYVQA_COLOURS + P.EASYVQA_SHAPES]
+        vocabulary = P.EASYVQA_COLOURS if named[0] in P.EASYVQA_COLOURS else P.EASYVQA_SHAPES
+        own = shown.get(r["image_id"], set()) & set(vocabulary)
+        if len(named) == 1 and len(own) == 1:
+            assert P.easyvqa_attributes(r["instruction"], r["output"]) == own & {named[0]}, r
+            checked += 1
+    assert checked > 0.85 * len(yes_no)  # images whose colour and shape a "what" question gives
+    yes = sum(r["output"] == "yes" for r in yes_no)
+    assert abs(yes / len(yes_no) - 0.5) < 0.02
 
 
 # --- common behaviour -----------------------------------------------------------------------

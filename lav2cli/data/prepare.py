@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import posixpath
+import random
 import re
 import shutil
 import sys
@@ -748,9 +749,34 @@ def easyvqa_caption(attributes: set[str]) -> str | None:
     return f"a {shape}" if shape else None
 
 
-def easyvqa(job: Job, split: str = "both", kind: str = "both", instruction: str | None = None) -> Iterator[Item]:
+def easyvqa_twin(question: str, answer: str, shown: set[str], pick: random.Random) -> tuple[str, str] | None:
+    """The yes/no question's twin about the same image with the other answer: the colour (shape)
+    it names swapped for the image's own one when it names an absent one, for an absent one when
+    it names the image's own. None for "what" questions or when the image's colour (shape) is
+    unknown. easy-VQA asks mostly about absent colours (7 in 8 of its colour yes/no questions),
+    so a model can score 0.8 on yes/no without looking; pairs leave it only the image to go by."""
+    if answer.lower() not in ("yes", "no"):
+        return None
+    words = re.findall(r"[a-z]+", question.lower())
+    named = [w for w in words if w in EASYVQA_COLOURS or w in EASYVQA_SHAPES]
+    if len(named) != 1:  # one attribute, or the swap could keep the answer ("a red circle?")
+        return None
+    for vocabulary in (EASYVQA_COLOURS, EASYVQA_SHAPES):
+        own = [w for w in vocabulary if w in shown]
+        if named[0] not in vocabulary or len(own) != 1:
+            continue
+        other = own[0] if named[0] != own[0] else pick.choice([w for w in vocabulary if w != own[0]])
+        twin = re.sub(rf"\b{named[0]}\b", other, question, count=1)
+        return twin, "no" if answer.lower() == "yes" else "yes"
+    return None
+
+
+def easyvqa(job: Job, split: str = "both", kind: str = "both", instruction: str | None = None,
+            yes_no_twins: bool = False) -> Iterator[Item]:
     """The easy-VQA package's sets: images copied to ``OUT_DIR/images/SPLIT/ID.png``, one vqa record
-    per question (``easyvqa-SPLIT-q INDEX``) and one caption per image (``easyvqa-SPLIT-img ID``)."""
+    per question (``easyvqa-SPLIT-q INDEX``) and one caption per image (``easyvqa-SPLIT-img ID``).
+    With `yes_no_twins`, each yes/no question is followed by its twin with the other answer
+    (``easyvqa-SPLIT-q INDEX-twin``, see easyvqa_twin): yes and no become equally likely."""
     if split not in ("train", "test", "both") or kind not in ("vqa", "caption", "both"):
         raise Lav2Error("easyvqa: --split is train, test or both; --kind is vqa, caption or both")
     if job.out_dir is None:
@@ -767,7 +793,11 @@ def easyvqa(job: Job, split: str = "both", kind: str = "both", instruction: str 
         used = {i: available[i] for i in set(image_ids) if i in available}
         copies = job.copy_files(used, os.path.join(job.out_dir, "images", name), lambda i: f"{i}.png")
         extra = {"split": name}
+        attributes: dict[int, set[str]] = {}
+        for q, a, i in zip(texts, answers, image_ids):
+            attributes.setdefault(i, set()).update(easyvqa_attributes(q, a))
         if kind in ("vqa", "both"):
+            pick = random.Random(f"easyvqa-{name}-twins")
             for k, (q, a, i) in enumerate(zip(texts, answers, image_ids)):
                 at = f"{questions}:[{k}]"
                 if i not in copies:
@@ -775,10 +805,12 @@ def easyvqa(job: Job, split: str = "both", kind: str = "both", instruction: str 
                     continue
                 record = Record(f"easyvqa-{name}-q{k}", copies[i], q, a, "vqa", "easyvqa", extra={**extra, "image_id": i})
                 yield Candidate(record, at, f"{name}/{i}")
+                twin = easyvqa_twin(q, a, attributes[i], pick) if yes_no_twins else None
+                if twin is not None:
+                    record = Record(f"easyvqa-{name}-q{k}-twin", copies[i], *twin, "vqa", "easyvqa",
+                                    extra={**extra, "image_id": i, "twin_of": f"easyvqa-{name}-q{k}"})
+                    yield Candidate(record, at, f"{name}/{i}")
         if kind in ("caption", "both"):
-            attributes: dict[int, set[str]] = {}
-            for q, a, i in zip(texts, answers, image_ids):
-                attributes.setdefault(i, set()).update(easyvqa_attributes(q, a))
             for i in sorted(copies):
                 at = f"{questions}:image {i}"
                 text = easyvqa_caption(attributes.get(i, set()))
