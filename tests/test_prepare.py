@@ -421,6 +421,8 @@ def test_easyvqa_yes_no_twins_are_true_to_their_image_and_balance_the_answers(tm
     assert checked > 0.85 * len(yes_no)  # images whose colour and shape a "what" question gives
     yes = sum(r["output"] == "yes" for r in yes_no)
     assert abs(yes / len(yes_no) - 0.5) < 0.02
+    with pytest.raises(Lav2Error, match="--kind vqa or both"):
+        run("easyvqa", tmp_path / "cap.jsonl", split="test", kind="caption", yes_no_twins=True)
 
 
 # --- common behaviour -----------------------------------------------------------------------

@@ -779,6 +779,8 @@ def easyvqa(job: Job, split: str = "both", kind: str = "both", instruction: str 
     (``easyvqa-SPLIT-q INDEX-twin``, see easyvqa_twin): yes and no become equally likely."""
     if split not in ("train", "test", "both") or kind not in ("vqa", "caption", "both"):
         raise Lav2Error("easyvqa: --split is train, test or both; --kind is vqa, caption or both")
+    if yes_no_twins and kind == "caption":
+        raise Lav2Error("easyvqa: --yes-no-twins adds questions; it needs --kind vqa or both")
     if job.out_dir is None:
         raise Lav2Error("easyvqa copies images beside the records: give --out FILE, not -")
     try:
