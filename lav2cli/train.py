@@ -399,7 +399,7 @@ class Trainer:
         elif self.standardize:
             stats = feature_stats(self.model, self.image_fn, self.image_paths, self.device, seed=t.seed)
             n = min(len(self.image_paths), FEATURE_STATS_IMAGES)
-            if self._continues_trained_clip_proj():  # same function, new coordinates
+            if "clip_proj.weight" in self.initial:  # trained by the source artifact: same function, new coordinates
                 self.model.standardize_trained_clip_proj(*stats)
                 self.log(f"features standardised per channel (statistics of {n} training images); "
                          f"the source artifact's clip_proj re-expressed on them")
@@ -408,15 +408,6 @@ class Trainer:
                 self.log(f"features standardised per channel (statistics of {n} training images)")
 
     # -- helpers -----------------------------------------------------------------------------
-
-    def _continues_trained_clip_proj(self) -> bool:
-        """Does clip_proj come from the source artifact (rather than its fresh initial value)?"""
-        from safetensors import safe_open
-
-        if self.engine.config.kind != "artifact":
-            return False
-        with safe_open(str(self.engine.config.files[-1]), "pt") as f:
-            return "clip_proj.weight" in f.keys()
 
     def _image_fn(self) -> Callable[[str], torch.Tensor] | None:
         eng = self.engine

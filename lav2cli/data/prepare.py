@@ -761,14 +761,12 @@ def easyvqa_twin(question: str, answer: str, shown: set[str], pick: random.Rando
     named = [w for w in words if w in EASYVQA_COLOURS or w in EASYVQA_SHAPES]
     if len(named) != 1:  # one attribute, or the swap could keep the answer ("a red circle?")
         return None
-    for vocabulary in (EASYVQA_COLOURS, EASYVQA_SHAPES):
-        own = [w for w in vocabulary if w in shown]
-        if named[0] not in vocabulary or len(own) != 1:
-            continue
-        other = own[0] if named[0] != own[0] else pick.choice([w for w in vocabulary if w != own[0]])
-        twin = re.sub(rf"\b{named[0]}\b", other, question, count=1)
-        return twin, "no" if answer.lower() == "yes" else "yes"
-    return None
+    vocabulary = EASYVQA_COLOURS if named[0] in EASYVQA_COLOURS else EASYVQA_SHAPES
+    own = [w for w in vocabulary if w in shown]
+    if len(own) != 1:
+        return None
+    other = own[0] if named[0] != own[0] else pick.choice([w for w in vocabulary if w != own[0]])
+    return re.sub(rf"\b{named[0]}\b", other, question, count=1), "no" if answer.lower() == "yes" else "yes"
 
 
 def easyvqa(job: Job, split: str = "both", kind: str = "both", instruction: str | None = None,
