@@ -51,7 +51,7 @@ def answer_one(engine: Engine, image_path: str | None, question: str, sampling: 
         if engine.image_transform is not None:
             images = engine.image_tensor([pil])
         if experts:
-            outputs = experts.run(pil)
+            outputs = experts.run(pil, image_path)
     tpl = engine.template
     ctx = context(outputs)
     prompt_text = tpl.prompt(question, ctx)

@@ -178,6 +178,7 @@ def prepare_easyvqa(
     kind: Annotated[Literal["vqa", "caption", "both"], typer.Option("--kind", help="Question records, caption records (a red circle), or both.")] = "both",
     instruction: _Instruction = None,
     yes_no_twins: Annotated[bool, typer.Option("--yes-no-twins", help="After each yes/no question, its twin about the same image with the other answer (the image's own colour or shape swapped in or out): yes and no become equally likely, so the answer must come from the image. For training sets.")] = False,
+    caption_context: Annotated[bool, typer.Option("--caption-context", help='Each question\'s input is its image\'s caption as the caption expert words it ("Image caption: a red circle"): data for a model that captions first and answers with its caption in context (recipes/demo-stage2.toml).')] = False,
     val_fraction: _Val = 0.0,
     strict: _Strict = False,
     check_images: _Check = True,
@@ -192,6 +193,8 @@ def prepare_easyvqa(
       lav2 prepare easyvqa --split train --kind caption --out data/easyvqa/captions.jsonl
 
       lav2 prepare easyvqa --split train --kind vqa --yes-no-twins --out data/easyvqa/vqa.jsonl
+
+      lav2 prepare easyvqa --split train --kind both --yes-no-twins --caption-context --out data/easyvqa/read.jsonl
     """
     _data.prepare("easyvqa", **locals())
 
@@ -320,6 +323,7 @@ from lav2cli.experts import Expert, OcrEngine  # noqa: E402  (stdlib only; the e
 _Experts = Annotated[list[Expert], typer.Option("--expert", "-e", help="Give the model an expert's text about the image as context: caption, ocr (repeatable).")]
 _CaptionModel = Annotated[Optional[str], typer.Option("--caption-model", help="Caption expert: a lav2 artifact trained for captioning (default: the EfficientNet-Lite0 ImageNet classifier).")]
 _CaptionThreshold = Annotated[float, typer.Option("--caption-threshold", min=0.0, max=1.0, help="Caption expert (classifier): name the top classes at least this probable (none: no caption).")]
+_SelfCaption = Annotated[bool, typer.Option("--self-caption/--no-self-caption", help="A model marked self_caption (the demo) captions each image itself and answers with its caption as context; --no-self-caption asks it directly.")]
 _OcrEngine = Annotated[OcrEngine, typer.Option("--ocr-engine", help="OCR expert: rapidocr (pip install 'lav2cli[experts]') or tesseract (the program).")]
 
 
@@ -331,7 +335,7 @@ def eval_vqa(
     short_answer: Annotated[bool, typer.Option("--short-answer/--no-short-answer", help='Ask for "a single word or phrase" in the template.')] = True,
     suffix: Annotated[str, typer.Option("--suffix", help="Text appended to every question, e.g. 'Answer with one word.'")] = "",
     expert: _Experts = [], caption_model: _CaptionModel = None, caption_threshold: _CaptionThreshold = 0.2,
-    ocr_engine: _OcrEngine = OcrEngine.rapidocr,
+    ocr_engine: _OcrEngine = OcrEngine.rapidocr, self_caption: _SelfCaption = True,
 ) -> None:
     """Short-answer accuracy (VQA normalisation; VQAv2's ten answers when records carry "answers").
 
@@ -369,7 +373,7 @@ def eval_mme(
     batch_size: _EBatch = 8, limit: _ELimit = None, as_json: _EJson = False, max_new_tokens: _EMaxNew = None,
     device: _EDevice = "auto", dtype: _EDtype = "auto", predictions: _EPred = None,
     expert: _Experts = [], caption_model: _CaptionModel = None, caption_threshold: _CaptionThreshold = 0.2,
-    ocr_engine: _OcrEngine = OcrEngine.rapidocr,
+    ocr_engine: _OcrEngine = OcrEngine.rapidocr, self_caption: _SelfCaption = True,
 ) -> None:
     """The MME protocol: yes/no parsing, acc and acc+ per subtask, perception and cognition totals.
 
@@ -558,7 +562,7 @@ def ask(
     dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step (pays off on long answers)."),
     expert: _Experts = [], caption_model: _CaptionModel = None, caption_threshold: _CaptionThreshold = 0.2,
-    ocr_engine: _OcrEngine = OcrEngine.rapidocr,
+    ocr_engine: _OcrEngine = OcrEngine.rapidocr, self_caption: _SelfCaption = True,
 ) -> None:
     """Answer a question about an image (or none) from the shell.
 
@@ -580,6 +584,9 @@ def ask(
     ask_mod.check_image_arg(image, experts)
     experts.load()
     engine = _load_engine(model, base, clip, device, dtype, inference=True)
+    if self_caption and engine.self_captions:
+        experts = experts.with_self_caption()
+        experts.bind(engine)
     err = _stderr()
     status = ask_mod.run(engine, image, prompt, Sampling(max_new_tokens, temperature, top_p, seed),
                          as_json=as_json, show_prompt=show_prompt, model_name=model, compile=compile,

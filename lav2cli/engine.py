@@ -107,6 +107,14 @@ def classify_ref(ref: str) -> tuple[str, Path | None]:
     return "base", p
 
 
+def marked_self_caption(ref: str) -> bool:
+    """Whether model reference `ref` is an artifact marked self_caption (reads lav2.json only)."""
+    from lav2cli.formats import artifact
+
+    kind, path = classify_ref(ref)
+    return kind == "artifact" and bool(artifact.read_meta(path).get("self_caption"))
+
+
 def _check_base_matches(meta: dict, cfg: LlamaConfig, where: Path, base_ref: str) -> None:
     want = meta.get("base", {}).get("config", {})
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim"):
@@ -212,6 +220,12 @@ class Engine:
         return get_template(self.config.template)
 
     @property
+    def self_captions(self) -> bool:
+        """True for an artifact marked self_caption that can see: it captions an image itself
+        and answers with its caption as context (experts.Experts.with_self_caption)."""
+        return bool(self.config.meta.get("self_caption")) and self.can_see
+
+    @property
     def can_see(self) -> bool:
         """True when a visual branch exists and its gates are open (trained)."""
         m = self.model
@@ -237,9 +251,11 @@ class Engine:
 
     def save_adapter(self, out_dir: str | Path, training: dict[str, Any] | None = None,
                      tensors: dict[str, torch.Tensor] | None = None,
-                     extra_files: dict[str, bytes] | None = None) -> Path:
+                     extra_files: dict[str, bytes] | None = None, self_caption: bool | None = None) -> Path:
         """Write the adapter as a lav2 artifact (atomic): its tensors (default: all adapter
-        tensors) and everything needed to rebuild the model around them."""
+        tensors) and everything needed to rebuild the model around them. `self_caption` (default:
+        as loaded) records that the model was trained to caption an image first and answer with
+        its caption as context; `ask` and `eval` then do so."""
         from lav2cli.formats import artifact
 
         c = self.config
@@ -253,6 +269,7 @@ class Engine:
             "preprocess": c.preprocess.to_dict() if c.preprocess else None,
             "template": c.template,
             "training": training or c.meta.get("training"),
+            "self_caption": bool(c.meta.get("self_caption")) if self_caption is None else self_caption,
         }
         return artifact.save(out_dir, tensors if tensors is not None else self.model.adapter_state_dict(), meta,
                              extra_files=extra_files)
@@ -270,12 +287,15 @@ class Engine:
 def load(ref: str, *, base: str | None = None, clip: str | None = None,
          device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
          adapter: AdapterConfig | None = None, encoder: dict[str, Any] | None = None,
-         inference: bool = False) -> Engine:
+         inference: bool = False, add_lora_rank: int = 0) -> Engine:
     """Resolve a model reference (DESIGN.md section 2) and build the engine.
 
     `adapter` (with `encoder`, an encoder spec, when it has a visual branch) puts a fresh
-    adapter on a base reference: the starting point of training. `inference=True` folds the
-    adapter's scales into the frozen weights (faster; the engine can then not train or save).
+    adapter on a base reference: the starting point of training. `add_lora_rank` gives an
+    artifact without LoRA fresh LoRA pairs of that rank (second factor zero: the model still
+    computes exactly the artifact's function), for a training stage that continues it.
+    `inference=True` folds the adapter's scales into the frozen weights (faster; the engine
+    can then not train or save).
     """
     from lav2cli.formats import artifact, official
 
@@ -303,6 +323,11 @@ def load(ref: str, *, base: str | None = None, clip: str | None = None,
             bw = load_base_ref(base_ref)
         _check_base_matches(meta, bw.config, path, base_ref)
         adapter_cfg = AdapterConfig.from_dict(meta["adapter"]) if meta.get("adapter") else None
+        if add_lora_rank and adapter_cfg is not None and adapter_cfg.lora_rank != add_lora_rank:
+            if adapter_cfg.lora_rank:
+                raise Lav2Error(f"{path}: its adapter has LoRA of rank {adapter_cfg.lora_rank}; "
+                                f"a stage continuing it cannot change that to {add_lora_rank}")
+            adapter_cfg = replace(adapter_cfg, lora_rank=add_lora_rank)
         adapter_sd = artifact.load_tensors(path)
         enc_spec = enc_spec or meta.get("encoder")
         if meta.get("preprocess"):
@@ -329,6 +354,8 @@ def load(ref: str, *, base: str | None = None, clip: str | None = None,
 
     if adapter is not None and kind != "base":
         raise Lav2Error(f"{ref}: already an adapter; a fresh adapter goes on a base model")
+    if add_lora_rank and kind != "artifact":
+        raise Lav2Error(f"{ref}: LoRA is added to a lav2 artifact being continued, not to a {kind} reference")
     encoder = None
     if adapter_cfg is not None and adapter_cfg.visual is not None:
         if enc_spec is None:

@@ -8,8 +8,11 @@ inference-time trick, no training needed).
 
 Their text becomes the template's Input section (alpaca) or a context paragraph before the
 question (chatml); an expert that finds nothing adds nothing. Models load on first use and stay
-for the command; their text is recomputed for every image, never cached. Heavy imports (torch,
-timm, rapidocr, onnxruntime) happen inside the functions, so `lav2 --help` stays fast.
+for the command; their text about an image file is computed once per command. An artifact
+marked `self_caption` (trained on questions with their image's caption as context) is its own
+caption expert: `ask` and `eval` add it unless a caption expert is named or `--no-self-caption`.
+Heavy imports (torch, timm, rapidocr, onnxruntime) happen inside the functions, so `lav2 --help`
+stays fast.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import io
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -41,6 +44,7 @@ class OcrEngine(str, Enum):
 
 EXPERTS_EXTRA = "pip install 'lav2cli[experts]'"
 CLASSIFIER = "efficientnet_lite0"
+SELF = "the model itself"  # the caption expert's source when the model captions for itself
 # how each expert's text is introduced in the prompt
 LABELS = {"caption": "Image caption", "ocr": "Text in the image"}
 
@@ -54,6 +58,7 @@ class ExpertOptions:
     ocr_engine: str = "rapidocr"
     device: str = "auto"  # for --caption-model
     dtype: str = "auto"
+    self_caption: bool = False  # the caption expert is the answering model itself
 
     @classmethod
     def make(cls, experts: list[Any], caption_model: str | None = None, caption_threshold: float = 0.2,
@@ -77,6 +82,8 @@ class ExpertOptions:
         resumed evaluation cannot mix experts)."""
         if name == "ocr":
             return self.ocr_engine
+        if self.self_caption:
+            return SELF
         return self.caption_model or f"{CLASSIFIER} ImageNet classifier (p >= {self.caption_threshold:g})"
 
     def sources(self) -> list[list[str]]:
@@ -94,15 +101,16 @@ class ExpertOutput:
         return {"name": self.name, "source": self.source, "text": self.text, "seconds": round(self.seconds, 4)}
 
 
+def labelled(name: str, text: str) -> str:
+    """Expert `name`'s text as a prompt paragraph: "Image caption: a red circle"."""
+    sep = "\n" if "\n" in text.strip() else " "  # OCR lines stay lines
+    return f"{LABELS[name]}:{sep}{text.strip()}"
+
+
 def context(outputs: list[ExpertOutput]) -> str:
     """The prompt context of the experts' text: one labelled paragraph per expert that found
     something; "" when none did (the template then has no Input section)."""
-    parts = []
-    for o in outputs:
-        if o.text.strip():
-            sep = "\n" if "\n" in o.text else " "  # OCR lines stay lines
-            parts.append(f"{LABELS[o.name]}:{sep}{o.text.strip()}")
-    return "\n\n".join(parts)
+    return "\n\n".join(labelled(o.name, o.text) for o in outputs if o.text.strip())
 
 
 def join_context(*parts: str) -> str:
@@ -170,14 +178,19 @@ class ClassifierCaptioner:
 class ModelCaptioner:
     """A lav2 artifact answering the captioning instruction of its training data, greedily."""
 
-    def __init__(self, ref: str, device: str, dtype: str, max_new_tokens: int = 64):
+    def __init__(self, engine, max_new_tokens: int = 64):
         from lav2cli.data.prepare import CAPTION_INSTRUCTION
+
+        self.engine, self.instruction, self.max_new_tokens = engine, CAPTION_INSTRUCTION, max_new_tokens
+
+    @classmethod
+    def load(cls, ref: str, device: str, dtype: str, max_new_tokens: int = 64) -> "ModelCaptioner":
         from lav2cli.engine import load
 
-        self.engine = load(ref, device=device, dtype=dtype, inference=True)
-        if not self.engine.can_see:
+        engine = load(ref, device=device, dtype=dtype, inference=True)
+        if not engine.can_see:
             raise Lav2Error(f"--caption-model {ref}: no trained visual branch, so it cannot caption images")
-        self.instruction, self.max_new_tokens = CAPTION_INSTRUCTION, max_new_tokens
+        return cls(engine, max_new_tokens)
 
     def __call__(self, image: "Image") -> str:
         from lav2cli.generate import Sampling
@@ -280,32 +293,56 @@ class Experts:
 
     options: ExpertOptions
     _models: dict[str, Callable[["Image"], str]] = field(default_factory=dict)
+    _seen: dict[str, list[ExpertOutput]] = field(default_factory=dict)  # outputs by image file
 
     def __bool__(self) -> bool:
         return bool(self.options.experts)
 
+    def with_self_caption(self) -> "Experts":
+        """These experts with the answering model as the caption expert (an artifact marked
+        self_caption), unless a caption expert was named; `bind` gives it the model."""
+        if "caption" in self.options.experts:
+            return self
+        return Experts(replace(self.options, experts=("caption",) + self.options.experts, self_caption=True),
+                       dict(self._models))
+
+    def bind(self, engine) -> None:
+        """Give a self-captioning expert its model: the engine that answers."""
+        if self.options.self_caption:
+            self._models["caption"] = ModelCaptioner(engine)
+
     def model(self, name: str) -> Callable[["Image"], str]:
         if name not in self._models:
             o = self.options
+            if name == "caption" and o.self_caption:
+                raise Lav2Error("the self-caption expert has no model yet (Experts.bind(engine) first)")
             if name == "ocr":
                 self._models[name] = OCR_ENGINES[o.ocr_engine]()
             elif o.caption_model:
-                self._models[name] = ModelCaptioner(o.caption_model, o.device, o.dtype)
+                self._models[name] = ModelCaptioner.load(o.caption_model, o.device, o.dtype)
             else:
                 self._models[name] = ClassifierCaptioner(o.caption_threshold, o.caption_top_k)
         return self._models[name]
 
     def load(self) -> None:
-        """Build every model now (fail before the language model loads, not after)."""
+        """Build every model now (fail before the language model loads, not after); the
+        self-caption expert is the language model, bound when it has loaded."""
         for name in self.options.experts:
-            self.model(name)
+            if not (name == "caption" and self.options.self_caption):
+                self.model(name)
 
-    def run(self, image: "Image") -> list[ExpertOutput]:
-        """Each expert's text about `image`, with its time (model building excluded)."""
+    def run(self, image: "Image", path: str | None = None) -> list[ExpertOutput]:
+        """Each expert's text about `image`, with its time (model building excluded). With
+        `path`, the image's file: its texts are computed once per command (easy-VQA asks about
+        ten questions per image)."""
+        if path is not None and path in self._seen:
+            return self._seen[path]
         outputs = []
         for name in self.options.experts:
             model = self.model(name)
             t0 = time.perf_counter()
             text = model(image)
             outputs.append(ExpertOutput(name, self.options.source(name), text, time.perf_counter() - t0))
+        if path is not None:
+            self._seen[path] = outputs
         return outputs

@@ -43,6 +43,7 @@ def describe(engine: Engine) -> dict[str, Any]:
         "adapter": cfg.adapter.to_dict() if cfg.adapter else None,
         "encoder": cfg.encoder, "preprocess": cfg.preprocess.to_dict() if cfg.preprocess else None,
         "parameters": counts, "adapter_parameters": adapter_total, "can_see": engine.can_see,
+        "self_caption": engine.self_captions,
         "tokenizer": {"vocab_size": engine.tokenizer.vocab_size, "bos": engine.tokenizer.bos_id,
                       "eos": engine.tokenizer.eos_id, "type": type(engine.tokenizer).__name__},
     }
@@ -134,6 +135,9 @@ def render(info: dict[str, Any], console) -> None:
         p = info["preprocess"]
         t.add_row("preprocess", f"{p['size']} px, channel order {p['channel_order']}")
     t.add_row("sees images", "yes" if info["can_see"] else "no (no trained visual branch)")
+    if info.get("self_caption"):
+        t.add_row("self caption", "yes: ask and eval caption each image with this model first and answer with "
+                                  "the caption as context (--no-self-caption: ask directly)")
     for k, v in sorted(info["parameters"].items()):
         t.add_row(f"params: {k}", f"{v:,}")
     t.add_row("params: adapter total", f"{info['adapter_parameters']:,}")

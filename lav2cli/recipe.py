@@ -50,6 +50,9 @@ class DataSection:
     text: str = ""  # optional text-only instruction records mixed into the instruction stream
     text_repeat: int = 1  # times each text record is listed per epoch (keeps a small set's share)
     image_text_ratio: float = 0.5  # joint: share of steps drawn from image_text
+    # the instruction records give each image's caption as context (prepare easyvqa
+    # --caption-context): the artifact is marked to caption an image itself before answering
+    caption_context: bool = False
     max_tokens: int = 512
     feature_cache: bool = False  # precompute the frozen encoder's features once per data file
     workers: int = 2  # threads that load and transform images
@@ -209,6 +212,8 @@ def validate(r: Recipe) -> None:
             raise Lav2Error(f"data.{stream}: {getattr(d, stream)}: file not found")
     if d.text and t.stage == "pretrain":
         raise Lav2Error("data.text joins the instruction stream; stage pretrain has none")
+    if d.caption_context and t.stage == "pretrain":
+        raise Lav2Error("data.caption_context describes the instruction records; stage pretrain has none")
     if d.text and not Path(d.text).is_file():
         raise Lav2Error(f"data.text: {d.text}: file not found")
     if t.visual_lr_scale <= 0:

@@ -334,7 +334,8 @@ class Trainer:
         kind, _ = classify_ref(r.model.ref)
         self.previous_stage = None  # the training record of the artifact this run continues
         if kind == "artifact":  # continue from an earlier stage: its adapter, its encoder
-            self.engine = load(r.model.ref, base=r.model.base or None, device=load_device, dtype=dtype)
+            self.engine = load(r.model.ref, base=r.model.base or None, device=load_device, dtype=dtype,
+                               add_lora_rank=r.adapter.lora_rank)  # [adapter] lora_rank > 0 adds LoRA
             self.initial = set(artifact.load_tensors(Path(r.model.ref)))
             self.previous_stage = self.engine.config.meta.get("training")
         else:
@@ -566,7 +567,8 @@ class Trainer:
                     "groups": dict(self.print_groups())}
         if self.previous_stage:
             training["previous"] = self.previous_stage
-        self.engine.save_adapter(self.out, training=training, tensors=tensors,
+        self_caption = self.recipe.data.caption_context or bool(self.engine.config.meta.get("self_caption"))
+        self.engine.save_adapter(self.out, training=training, tensors=tensors, self_caption=self_caption,
                                  extra_files={STATE_FILE: buf.getvalue(), METRICS_FILE: metrics,
                                               RECIPE_FILE: self.recipe.render_toml().encode()})
         self.last_saved = self.step

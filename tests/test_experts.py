@@ -174,7 +174,7 @@ def test_caption_expert_names_the_cat_in_chelsea(chelsea_png):
 
 def test_caption_model_must_see(tmp_path, base_dir):
     with pytest.raises(Lav2Error, match="no trained visual branch"):
-        X.ModelCaptioner(str(base_dir), "cpu", "float32")
+        X.ModelCaptioner.load(str(base_dir), "cpu", "float32")
 
 
 def test_caption_model_answers_the_captioning_instruction_about_the_image(tmp_path, base_dir, chelsea_png):
@@ -185,7 +185,7 @@ def test_caption_model_answers_the_captioning_instruction_about_the_image(tmp_pa
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))  # open the gates: a "trained" captioner
     eng.save_adapter(tmp_path / "captioner")
-    cap = X.ModelCaptioner(str(tmp_path / "captioner"), "cpu", "float32", max_new_tokens=5)
+    cap = X.ModelCaptioner.load(str(tmp_path / "captioner"), "cpu", "float32", max_new_tokens=5)
     seen = {}
     real = cap.engine.generate
 
@@ -290,3 +290,73 @@ def test_ask_reads_the_sign_with_the_ocr_expert(sentence_png):
     assert [e["name"] for e in row["experts"]] == ["ocr", "caption"]
     assert row["experts"][0]["text"] == "\n".join(LINES)
     assert "fox" in row["answer"].lower()
+
+
+# -- self_caption: the model as its own caption expert ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def self_captioner(tmp_path_factory, base_dir) -> Path:
+    """A "trained" visual artifact (gates open) marked self_caption."""
+    cfg = AdapterConfig(variant="paper", visual=VisualConfig(encoder_dim=1280, width=32, depth=1, heads=4, n_queries=10))
+    eng = engine.load(str(base_dir), adapter=cfg, encoder=EFFNET, device="cpu")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in eng.model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    out = tmp_path_factory.mktemp("selfcap") / "artifact"
+    eng.save_adapter(out, self_caption=True)
+    return out
+
+
+def test_a_self_captioning_model_captions_first_in_ask_unless_told_not_to(self_captioner, chelsea_png):
+    assert json.loads((self_captioner / "lav2.json").read_text())["self_caption"] is True
+    common = ["ask", str(chelsea_png), "What animal is this?", "--model", str(self_captioner), "--max-new-tokens", "3",
+              "--temperature", "0", "--json", "--show-prompt"]
+    r = lav2(*common)
+    assert r.returncode == 0, r.stderr
+    ans = json.loads(r.stdout)
+    [cap] = ans["experts"]
+    assert cap["name"] == "caption" and cap["source"] == "the model itself"
+    # the caption is what the model answers to the captioning instruction, and it is the prompt's context
+    eng = engine.load(str(self_captioner), device="cpu", inference=True)
+    assert cap["text"] == X.ModelCaptioner(eng, max_new_tokens=64)(Image.open(chelsea_png).convert("RGB"))
+    assert (f"Image caption: {cap['text']}" in r.stderr) == bool(cap["text"].strip())
+    r = lav2(*common, "--no-self-caption")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["experts"] == [] and "Image caption:" not in r.stderr
+    r = lav2("info", str(self_captioner), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["self_caption"] is True, r.stderr
+
+
+def test_eval_self_captions_once_per_image_and_a_named_caption_expert_wins(tmp_path, self_captioner, monkeypatch):
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "red.png")
+    rows = [{"id": f"q{i}", "image": "red.png", "instruction": q, "input": "", "output": "red", "kind": "vqa",
+             "source": "test"} for i, q in enumerate(["What color is it?", "Is it red?", "Is it blue?"])]
+    data = tmp_path / "vqa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    calls = []
+    real = X.ModelCaptioner.__call__
+    monkeypatch.setattr(X.ModelCaptioner, "__call__", lambda self, im: calls.append(1) or real(self, im))
+    opts = dict(data=data, model=str(self_captioner), device="cpu", max_new_tokens=2)
+    result = evaluate(EvalOptions("vqa", out=tmp_path / "self.jsonl", **opts), log=lambda m: None)
+    assert result["experts"] == [["caption", "the model itself"]] and len(calls) == 1
+    preds = [json.loads(ln) for ln in (tmp_path / "self.jsonl").read_text().splitlines()]
+    assert len({p["experts"][0]["text"] for p in preds}) == 1
+    plain = evaluate(EvalOptions("vqa", out=tmp_path / "plain.jsonl", self_caption=False, **opts), log=lambda m: None)
+    assert "experts" not in plain and len(calls) == 1
+    monkeypatch.setattr(Experts, "model", lambda self, name: (lambda im: "a photo of a red square"))
+    named = evaluate(EvalOptions("vqa", out=tmp_path / "named.jsonl", expert=["caption"], **opts), log=lambda m: None)
+    assert named["experts"] == [["caption", "efficientnet_lite0 ImageNet classifier (p >= 0.2)"]]
+    with pytest.raises(Lav2Error, match="made with experts caption \\(the model itself\\), not none"):
+        evaluate(EvalOptions("vqa", out=tmp_path / "self.jsonl", self_caption=False, **opts), log=lambda m: None)
+
+
+def test_experts_compute_an_image_files_text_once():
+    calls = []
+    ex = Experts(ExpertOptions(("ocr",)), {"ocr": lambda im: calls.append(1) or "EXIT"})
+    im = Image.new("RGB", (8, 8))
+    assert ex.run(im, "a.png") == ex.run(im, "a.png") and len(calls) == 1
+    ex.run(im, "b.png"), ex.run(im)
+    assert len(calls) == 3

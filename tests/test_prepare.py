@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from lav2cli import __version__
+from lav2cli import experts as X
 from lav2cli.data import prepare as P
 from lav2cli.data.records import Record, image_ref, read_records
 from lav2cli.errors import Lav2Error
@@ -423,6 +424,22 @@ def test_easyvqa_yes_no_twins_are_true_to_their_image_and_balance_the_answers(tm
     assert abs(yes / len(yes_no) - 0.5) < 0.02
     with pytest.raises(Lav2Error, match="--kind vqa or both"):
         run("easyvqa", tmp_path / "cap.jsonl", split="test", kind="caption", yes_no_twins=True)
+
+
+def test_easyvqa_caption_context_is_the_images_caption_as_the_caption_expert_words_it(tmp_path):
+    out = tmp_path / "ev" / "records.jsonl"
+    run("easyvqa", out, split="test", kind="both", caption_context=True, check_images=False)
+    recs = lines(out)
+    captions = {r["image_id"]: r["output"] for r in recs if r["kind"] == "caption"}
+    questions = [r for r in recs if r["kind"] == "vqa"]
+    assert len(captions) > 900 and len(questions) == 9673
+    for r in questions:  # the same paragraph the caption expert puts in a prompt
+        want = X.context([X.ExpertOutput("caption", "", captions[r["image_id"]], 0.0)]) if r["image_id"] in captions else ""
+        assert r["input"] == want, r
+    assert sum(r["input"] == "" for r in questions) < 0.01 * len(questions)
+    assert questions[0]["input"].startswith("Image caption: a ")
+    with pytest.raises(Lav2Error, match="--caption-context .* needs --kind vqa or both"):
+        run("easyvqa", tmp_path / "cap.jsonl", split="test", kind="caption", caption_context=True)
 
 
 # --- common behaviour -----------------------------------------------------------------------

@@ -442,3 +442,44 @@ def test_a_stage_continuing_an_artifact_keeps_its_record(setup, tmp_path):
     r = run_cli("info", str(second))
     assert r.returncode == 0, r.stderr
     assert r.stdout.index("stage 1 (pretrain): training") < r.stdout.index("stage 2 (finetune): training"), r.stdout
+
+
+def test_a_stage_can_add_lora_to_an_artifact(setup, tmp_path):
+    """[adapter] lora_rank on a stage continuing an artifact without LoRA adds fresh pairs: the
+    model starts as the artifact's function exactly, the pairs train, the saved set is the
+    artifact's plus the stage's group; data.caption_context marks the artifact self_caption,
+    and a later stage keeps the mark. A rank that differs from the artifact's is refused."""
+    first, second, third = tmp_path / "pretrain", tmp_path / "lora", tmp_path / "third"
+    for d in (first, second, third):
+        d.mkdir()
+    r = load_recipe(ROOT / "recipes/tiny.toml", overrides(setup, train__stage='"pretrain"', train__max_steps=2))
+    Trainer(r, first, resume=False, log=lambda m: None, show_progress=False).run()
+    r2 = load_recipe(ROOT / "recipes/tiny.toml", overrides(setup, model__ref=f'"{first}"', train__stage='"finetune"',
+                                                          adapter__lora_rank=4, data__caption_context="true",
+                                                          train__max_steps=3))
+    t = Trainer(r2, second, resume=False, log=lambda m: None, show_progress=False)
+    assert t.model.adapter.lora_rank == 4 and any(".lora_wq_l1." in n for n in t.params)
+    source = engine.load(str(first), device="cpu")
+    tokens = torch.randint(3, 200, (2, 12))
+    images = source.image_tensor([Image.open(setup / "images" / "red0.png").convert("RGB")] * 2)
+    assert source.can_see
+    with torch.no_grad():
+        assert torch.equal(source.logits(tokens, images), t.engine.logits(tokens, images))
+    t.run()
+    saved = load_file(second / "adapter.safetensors")
+    lora = {n for n in saved if ".lora_" in n}
+    assert set(saved) == set(load_file(first / "adapter.safetensors")) | set(t.params) and lora
+    assert any(saved[n].abs().sum() > 0 for n in lora if n.endswith("_l2.weight"))  # the pairs trained
+    meta2 = json.loads((second / "lav2.json").read_text())
+    assert meta2["adapter"]["lora_rank"] == 4 and meta2["self_caption"] is True
+    assert json.loads((first / "lav2.json").read_text())["self_caption"] is False
+    r3 = load_recipe(ROOT / "recipes/tiny.toml", overrides(setup, model__ref=f'"{second}"', train__stage='"finetune"',
+                                                          train__max_steps=1))
+    Trainer(r3, third, resume=False, log=lambda m: None, show_progress=False).run()
+    assert json.loads((third / "lav2.json").read_text())["self_caption"] is True
+    r4 = load_recipe(ROOT / "recipes/tiny.toml", overrides(setup, model__ref=f'"{second}"', train__stage='"finetune"',
+                                                          adapter__lora_rank=8, train__max_steps=1))
+    with pytest.raises(Lav2Error, match="LoRA of rank 4; a stage continuing it cannot change that to 8"):
+        Trainer(r4, tmp_path / "fourth", resume=False, log=lambda m: None, show_progress=False)
+    with pytest.raises(Lav2Error, match="LoRA is added to a lav2 artifact"):
+        engine.load(str(setup / "base"), add_lora_rank=4)

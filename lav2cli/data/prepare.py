@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterable, Iterator, Union
 from lav2cli import __version__
 from lav2cli.data.records import KINDS, Record
 from lav2cli.errors import Lav2Error
+from lav2cli.experts import labelled
 from lav2cli.fileio import file_mode, sha256_file
 
 CAPTION_INSTRUCTION = "Generate caption of this image"
@@ -770,15 +771,20 @@ def easyvqa_twin(question: str, answer: str, shown: set[str], pick: random.Rando
 
 
 def easyvqa(job: Job, split: str = "both", kind: str = "both", instruction: str | None = None,
-            yes_no_twins: bool = False) -> Iterator[Item]:
+            yes_no_twins: bool = False, caption_context: bool = False) -> Iterator[Item]:
     """The easy-VQA package's sets: images copied to ``OUT_DIR/images/SPLIT/ID.png``, one vqa record
     per question (``easyvqa-SPLIT-q INDEX``) and one caption per image (``easyvqa-SPLIT-img ID``).
     With `yes_no_twins`, each yes/no question is followed by its twin with the other answer
-    (``easyvqa-SPLIT-q INDEX-twin``, see easyvqa_twin): yes and no become equally likely."""
+    (``easyvqa-SPLIT-q INDEX-twin``, see easyvqa_twin): yes and no become equally likely.
+    With `caption_context`, each vqa record's input is its image's caption as the caption expert
+    words it ("Image caption: a red circle"): data for a model that captions an image first and
+    then answers with its caption in context."""
     if split not in ("train", "test", "both") or kind not in ("vqa", "caption", "both"):
         raise Lav2Error("easyvqa: --split is train, test or both; --kind is vqa, caption or both")
     if yes_no_twins and kind == "caption":
         raise Lav2Error("easyvqa: --yes-no-twins adds questions; it needs --kind vqa or both")
+    if caption_context and kind == "caption":
+        raise Lav2Error("easyvqa: --caption-context is the context of questions; it needs --kind vqa or both")
     if job.out_dir is None:
         raise Lav2Error("easyvqa copies images beside the records: give --out FILE, not -")
     try:
@@ -803,11 +809,14 @@ def easyvqa(job: Job, split: str = "both", kind: str = "both", instruction: str 
                 if i not in copies:
                     yield Skip(UNKNOWN_IMAGE_ID, at, f"image {i}")
                     continue
-                record = Record(f"easyvqa-{name}-q{k}", copies[i], q, a, "vqa", "easyvqa", extra={**extra, "image_id": i})
+                caption = easyvqa_caption(attributes[i]) if caption_context else None
+                context = labelled("caption", caption) if caption else ""
+                record = Record(f"easyvqa-{name}-q{k}", copies[i], q, a, "vqa", "easyvqa", context,
+                                extra={**extra, "image_id": i})
                 yield Candidate(record, at, f"{name}/{i}")
                 twin = easyvqa_twin(q, a, attributes[i], pick) if yes_no_twins else None
                 if twin is not None:
-                    record = Record(f"easyvqa-{name}-q{k}-twin", copies[i], *twin, "vqa", "easyvqa",
+                    record = Record(f"easyvqa-{name}-q{k}-twin", copies[i], *twin, "vqa", "easyvqa", context,
                                     extra={**extra, "image_id": i, "twin_of": f"easyvqa-{name}-q{k}"})
                     yield Candidate(record, at, f"{name}/{i}")
         if kind in ("caption", "both"):

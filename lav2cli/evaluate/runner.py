@@ -55,6 +55,7 @@ class EvalOptions:
     caption_model: str | None = None
     caption_threshold: float = 0.2
     ocr_engine: str = "rapidocr"
+    self_caption: bool = True  # vqa, mme: a model marked self_caption captions each image first
 
     def experts(self) -> Experts:
         return Experts(ExpertOptions.make(self.expert, self.caption_model, self.caption_threshold,
@@ -155,7 +156,7 @@ def _expert_outputs(experts: Experts | None, units: list[T.Unit]) -> list[list]:
     """Each unit's expert outputs (none without an image or without experts)."""
     from lav2cli.model.vision import load_image
 
-    return [experts.run(load_image(u.image)) if experts and u.image is not None else [] for u in units]
+    return [experts.run(load_image(u.image), u.image) if experts and u.image is not None else [] for u in units]
 
 
 def _generate(engine, opts: EvalOptions, units: list[T.Unit], max_new: int,
@@ -287,6 +288,10 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] | None = None) -> dic
             raise Lav2Error("give --out FILE.jsonl for the predictions (metrics go to FILE.metrics.json)")
         model = opts.model or DEFAULT_MODEL
         opts.model = model
+        from lav2cli.engine import marked_self_caption
+
+        if opts.self_caption and opts.task in ("vqa", "mme") and marked_self_caption(model):
+            experts = experts.with_self_caption()
         preds = {}
         if opts.out.exists():
             preds = read_predictions(opts.out, owner, opts.data, model=model, repair=True, log=log)
@@ -302,6 +307,7 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] | None = None) -> dic
         if todo:
             experts.load()  # an expert that cannot run fails before the model loads
             engine = _load(opts, log)
+            experts.bind(engine)
             if any(u.image for u in todo) and not engine.can_see:
                 log("note: this model has no trained visual branch, so it cannot see the images; "
                     "its answers come from the text alone")
