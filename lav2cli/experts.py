@@ -193,13 +193,17 @@ class ModelCaptioner:
         return cls(engine, max_new_tokens)
 
     def __call__(self, image: "Image") -> str:
+        return self.many([image])[0]
+
+    def many(self, images: list["Image"]) -> list[str]:
+        """Captions of several images in one batch (one prompt, so no padding)."""
         from lav2cli.generate import Sampling
 
         eng = self.engine
         ids = eng.template.encode_prompt(eng.tokenizer, self.instruction)
-        out = eng.generate([ids], images=eng.image_tensor([image]),
-                           sampling=Sampling(max_new_tokens=self.max_new_tokens, temperature=0.0, top_p=1.0))[0]
-        return eng.tokenizer.decode(out).strip()
+        outs = eng.generate([ids] * len(images), images=eng.image_tensor(images),
+                            sampling=Sampling(max_new_tokens=self.max_new_tokens, temperature=0.0, top_p=1.0))
+        return [eng.tokenizer.decode(o).strip() for o in outs]
 
 
 # -- OCR ------------------------------------------------------------------------------------
@@ -346,3 +350,22 @@ class Experts:
         if path is not None:
             self._seen[path] = outputs
         return outputs
+
+    def run_files(self, paths: list[str], load: Callable[[str], "Image"]) -> list[list[ExpertOutput]]:
+        """run() for the image files `paths` (loaded with `load`): each file once per command,
+        the new ones of a call in one batch where the expert takes batches (a model captioner);
+        the seconds are the batch's share per image."""
+        new = list(dict.fromkeys(p for p in paths if p not in self._seen))
+        if new:
+            images = [load(p) for p in new]
+            texts: dict[str, tuple[list[str], float]] = {}
+            for name in self.options.experts:
+                model = self.model(name)
+                t0 = time.perf_counter()
+                many = getattr(model, "many", None)
+                got = many(images) if many is not None else [model(im) for im in images]
+                texts[name] = (got, (time.perf_counter() - t0) / len(images))
+            for k, p in enumerate(new):
+                self._seen[p] = [ExpertOutput(n, self.options.source(n), texts[n][0][k], texts[n][1])
+                                 for n in self.options.experts]
+        return [self._seen[p] for p in paths]

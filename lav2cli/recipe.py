@@ -68,6 +68,7 @@ class TrainSection:
     base_lr: float = 1e-3  # lr = base_lr * global batch / 256
     min_lr: float = 0.0
     visual_lr_scale: float = 1.0  # the visual branch (from scratch) trains at lr x this
+    lora_lr_scale: float = 1.0  # the LoRA pairs (from zero) train at lr x this
     standardize_features: bool = False  # clip_proj trains on encoder channels standardised by the training images' mean/std (folded in when saved)
     warmup_epochs: float = 0.0
     warmup_steps: int = 0  # > 0 overrides warmup_epochs
@@ -216,8 +217,9 @@ def validate(r: Recipe) -> None:
         raise Lav2Error("data.caption_context describes the instruction records; stage pretrain has none")
     if d.text and not Path(d.text).is_file():
         raise Lav2Error(f"data.text: {d.text}: file not found")
-    if t.visual_lr_scale <= 0:
-        raise Lav2Error(f"train.visual_lr_scale must be positive, got {t.visual_lr_scale}")
+    for name, v in (("train.visual_lr_scale", t.visual_lr_scale), ("train.lora_lr_scale", t.lora_lr_scale)):
+        if v <= 0:
+            raise Lav2Error(f"{name} must be positive, got {v}")
     if d.text_repeat < 1:
         raise Lav2Error(f"data.text_repeat must be at least 1, got {d.text_repeat}")
     if t.stage in ("pretrain", "joint") and not a.visual:

@@ -115,19 +115,26 @@ def make_groups(model: LlamaAdapterV2, stage: str) -> Groups:
 
 
 def make_optimizer(params: dict[str, torch.nn.Parameter], lr: float, weight_decay: float, betas, fused: bool,
-                   visual_lr_scale: float = 1.0):
-    """AdamW; no decay for 1-D tensors and biases (as the release). The visual branch, which
-    starts from scratch, may take a larger lr (`visual_lr_scale`) than the tensors that adjust a
-    pretrained model."""
+                   visual_lr_scale: float = 1.0, lora_lr_scale: float = 1.0):
+    """AdamW; no decay for 1-D tensors and biases (as the release). The tensors that start from
+    scratch may take a larger lr than those that adjust a pretrained model: the visual branch
+    (`visual_lr_scale`) and the LoRA pairs (`lora_lr_scale`; a zero-initialised product moves
+    slowly at first)."""
     groups = []
-    for visual in (False, True):
-        chosen = {n: p for n, p in params.items() if is_visual_branch(n) == visual}
-        scale = visual_lr_scale if visual else 1.0
+    for kind, scale in (("adjust", 1.0), ("visual", visual_lr_scale), ("lora", lora_lr_scale)):
+        chosen = {n: p for n, p in params.items() if lr_kind(n) == kind}
         decay = [p for n, p in chosen.items() if p.dim() >= 2 and not n.endswith(".bias")]
         no_decay = [p for n, p in chosen.items() if p.dim() < 2 or n.endswith(".bias")]
         groups += [{"params": ps, "weight_decay": wd, "lr": lr * scale}
                    for ps, wd in ((decay, weight_decay), (no_decay, 0.0)) if ps]
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused or None)
+
+
+def lr_kind(name: str) -> str:
+    """Which lr multiplier a trainable tensor takes: visual, lora or adjust (1)."""
+    if is_visual_branch(name):
+        return "visual"
+    return "lora" if ".lora_" in name else "adjust"
 
 
 def is_visual_branch(name: str) -> bool:
@@ -367,7 +374,7 @@ class Trainer:
         self.global_batch = t.batch_size * t.grad_accum * self.dist.world
         self.lr = t.base_lr * self.global_batch / 256
         self.optimizer = make_optimizer(self.params, self.lr, t.weight_decay, t.betas, fused=cuda,
-                                        visual_lr_scale=t.visual_lr_scale)
+                                        visual_lr_scale=t.visual_lr_scale, lora_lr_scale=t.lora_lr_scale)
 
         # -- setup: data -----------------------------------------------------------------------
         tok, tpl = eng.tokenizer, eng.template

@@ -337,8 +337,8 @@ def test_eval_self_captions_once_per_image_and_a_named_caption_expert_wins(tmp_p
     data = tmp_path / "vqa.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     calls = []
-    real = X.ModelCaptioner.__call__
-    monkeypatch.setattr(X.ModelCaptioner, "__call__", lambda self, im: calls.append(1) or real(self, im))
+    real = X.ModelCaptioner.many
+    monkeypatch.setattr(X.ModelCaptioner, "many", lambda self, ims: calls.extend(ims) or real(self, ims))
     opts = dict(data=data, model=str(self_captioner), device="cpu", max_new_tokens=2)
     result = evaluate(EvalOptions("vqa", out=tmp_path / "self.jsonl", **opts), log=lambda m: None)
     assert result["experts"] == [["caption", "the model itself"]] and len(calls) == 1
@@ -360,3 +360,12 @@ def test_experts_compute_an_image_files_text_once():
     assert ex.run(im, "a.png") == ex.run(im, "a.png") and len(calls) == 1
     ex.run(im, "b.png"), ex.run(im)
     assert len(calls) == 3
+    out = ex.run_files(["a.png", "c.png", "c.png", "d.png"], lambda p: im)  # a.png known; c.png once
+    assert len(calls) == 5 and out[1] is out[2] and out[0][0].text == "EXIT"
+
+
+def test_a_model_captioner_captions_a_batch_as_it_captions_each_image(self_captioner, chelsea_png, blank_png):
+    eng = engine.load(str(self_captioner), device="cpu", inference=True)
+    cap = X.ModelCaptioner(eng, max_new_tokens=8)
+    ims = [Image.open(p).convert("RGB") for p in (chelsea_png, blank_png)]
+    assert cap.many(ims) == [cap(im) for im in ims]

@@ -339,22 +339,25 @@ def test_text_records_join_the_instruction_stream(setup, tmp_path):
         load_recipe(ROOT / "recipes/tiny.toml", overrides(setup, data__text='"/no/such.jsonl"'))
 
 
-def test_visual_lr_scale_applies_to_the_visual_branch_only():
-    """train.visual_lr_scale multiplies the lr of the visual branch's tensors (schedule included)
-    and of nothing else; weight decay still skips 1-D tensors and biases."""
-    from lav2cli.train import is_visual_branch, make_optimizer
+def test_lr_scales_apply_to_the_visual_branch_and_the_lora_pairs_only():
+    """train.visual_lr_scale multiplies the lr of the visual branch's tensors, train.lora_lr_scale
+    that of the LoRA pairs (schedule included), and nothing else; weight decay still skips 1-D
+    tensors and biases."""
+    from lav2cli.train import make_optimizer
 
-    params = {"visual_proj.weight": torch.nn.Parameter(torch.zeros(4, 4)), "clip_proj.bias": torch.nn.Parameter(torch.zeros(4)),
-              "llama.layers.0.attention.wq.bias": torch.nn.Parameter(torch.zeros(4)),
-              "adapter_query.weight": torch.nn.Parameter(torch.zeros(3, 4))}
-    opt = make_optimizer(params, 0.01, 0.02, (0.9, 0.95), fused=False, visual_lr_scale=3.0)
+    want = {"visual_proj.weight": 0.03, "clip_proj.bias": 0.03, "llama.layers.0.attention.wq.bias": 0.01,
+            "adapter_query.weight": 0.01, "llama.layers.0.attention.lora_wq_l2.weight": 0.05,
+            "llama.layers.0.feed_forward.lora_w1_l1.weight": 0.05,
+            "llama.layers.0.attention.prompt_lora_wk_l1.weight": 0.01}
+    params = {n: torch.nn.Parameter(torch.zeros(4) if n.endswith(".bias") else torch.zeros(3, 4)) for n in want}
+    opt = make_optimizer(params, 0.01, 0.02, (0.9, 0.95), fused=False, visual_lr_scale=3.0, lora_lr_scale=5.0)
     by_tensor = {id(p): g for g in opt.param_groups for p in g["params"]}
     for name, p in params.items():
         g = by_tensor[id(p)]
-        assert g["lr"] == pytest.approx(0.03 if is_visual_branch(name) else 0.01), name
+        assert g["lr"] == pytest.approx(want[name]), name
         assert g["weight_decay"] == (0.02 if p.dim() >= 2 else 0.0), name
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
-    assert sorted(sched.get_last_lr()) == pytest.approx([0.005, 0.005, 0.015, 0.015])
+    assert sorted(sched.get_last_lr()) == pytest.approx([0.005, 0.005, 0.015, 0.015, 0.025])
 
 
 def test_encoder_stage_gives_mid_level_tokens(setup):

@@ -156,7 +156,10 @@ def _expert_outputs(experts: Experts | None, units: list[T.Unit]) -> list[list]:
     """Each unit's expert outputs (none without an image or without experts)."""
     from lav2cli.model.vision import load_image
 
-    return [experts.run(load_image(u.image), u.image) if experts and u.image is not None else [] for u in units]
+    if not experts:
+        return [[] for _ in units]
+    found = iter(experts.run_files([u.image for u in units if u.image is not None], load_image))
+    return [next(found) if u.image is not None else [] for u in units]
 
 
 def _generate(engine, opts: EvalOptions, units: list[T.Unit], max_new: int,
