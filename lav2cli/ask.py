@@ -44,11 +44,12 @@ def answer_one(engine: Engine, image_path: str | None, question: str, sampling: 
                experts: Experts | None = None, stream: IO[str] | None = None, compile: bool = False,
                show_prompt: Callable[[str], None] | None = None) -> Answer:
     """Answer `question` about the image at `image_path` (None: text only), with the experts'
-    text about the image as context; `show_prompt` receives the final prompt."""
+    text about the image as context; `show_prompt` receives the final prompt. A self-captioning
+    model answers from its caption alone (the image was read by the caption pass)."""
     images, outputs = None, []
     if image_path is not None:
         pil = load_image(image_path)
-        if engine.image_transform is not None:
+        if engine.image_transform is not None and not (experts and experts.options.self_caption):
             images = engine.image_tensor([pil])
         if experts:
             outputs = experts.run(pil, image_path)

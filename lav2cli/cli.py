@@ -178,7 +178,7 @@ def prepare_easyvqa(
     kind: Annotated[Literal["vqa", "caption", "both"], typer.Option("--kind", help="Question records, caption records (a red circle), or both.")] = "both",
     instruction: _Instruction = None,
     yes_no_twins: Annotated[bool, typer.Option("--yes-no-twins", help="After each yes/no question, its twin about the same image with the other answer (the image's own colour or shape swapped in or out): yes and no become equally likely, so the answer must come from the image. For training sets.")] = False,
-    caption_context: Annotated[bool, typer.Option("--caption-context", help='Each question\'s input is its image\'s caption as the caption expert words it ("Image caption: a red circle"): data for a model that captions first and answers with its caption in context (recipe data.caption_context).')] = False,
+    caption_context: Annotated[bool, typer.Option("--caption-context", help='Each question\'s input is its image\'s caption as the caption expert words it ("Image caption: a red circle"), and the question has no image: data for a model that captions first and answers from its caption (recipe data.caption_context). Caption records keep their images.')] = False,
     val_fraction: _Val = 0.0,
     strict: _Strict = False,
     check_images: _Check = True,
@@ -323,7 +323,7 @@ from lav2cli.experts import Expert, OcrEngine  # noqa: E402  (stdlib only; the e
 _Experts = Annotated[list[Expert], typer.Option("--expert", "-e", help="Give the model an expert's text about the image as context: caption, ocr (repeatable).")]
 _CaptionModel = Annotated[Optional[str], typer.Option("--caption-model", help="Caption expert: a lav2 artifact trained for captioning (default: the EfficientNet-Lite0 ImageNet classifier).")]
 _CaptionThreshold = Annotated[float, typer.Option("--caption-threshold", min=0.0, max=1.0, help="Caption expert (classifier): name the top classes at least this probable (none: no caption).")]
-_SelfCaption = Annotated[bool, typer.Option("--self-caption/--no-self-caption", help="A model marked self_caption captions each image itself and answers with its caption as context; --no-self-caption asks it directly.")]
+_SelfCaption = Annotated[bool, typer.Option("--self-caption/--no-self-caption", help="A model marked self_caption captions each image itself and answers from its caption (as context, without the image); --no-self-caption asks it directly.")]
 _OcrEngine = Annotated[OcrEngine, typer.Option("--ocr-engine", help="OCR expert: rapidocr (pip install 'lav2cli[experts]') or tesseract (the program).")]
 
 

@@ -10,7 +10,8 @@ Their text becomes the template's Input section (alpaca) or a context paragraph 
 question (chatml); an expert that finds nothing adds nothing. Models load on first use and stay
 for the command; their text about an image file is computed once per command. An artifact
 marked `self_caption` (trained on questions with their image's caption as context) is its own
-caption expert: `ask` and `eval` add it unless a caption expert is named or `--no-self-caption`.
+caption expert: `ask` and `eval` add it unless a caption expert is named or `--no-self-caption`,
+and its answer pass reads the caption without the image (as it was trained).
 Heavy imports (torch, timm, rapidocr, onnxruntime) happen inside the functions, so `lav2 --help`
 stays fast.
 """

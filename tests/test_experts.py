@@ -340,7 +340,11 @@ def test_eval_self_captions_once_per_image_and_a_named_caption_expert_wins(tmp_p
     real = X.ModelCaptioner.many
     monkeypatch.setattr(X.ModelCaptioner, "many", lambda self, ims: calls.extend(ims) or real(self, ims))
     opts = dict(data=data, model=str(self_captioner), device="cpu", max_new_tokens=2)
-    result = evaluate(EvalOptions("vqa", out=tmp_path / "self.jsonl", **opts), log=lambda m: None)
+    from lav2cli.evaluate import runner
+
+    with monkeypatch.context() as m:  # the answer pass reads the caption, not the image
+        m.setattr(runner, "_image_batch", lambda *a: pytest.fail("a self-captioning answer pass got images"))
+        result = evaluate(EvalOptions("vqa", out=tmp_path / "self.jsonl", **opts), log=lambda m: None)
     assert result["experts"] == [["caption", "the model itself"]] and len(calls) == 1
     preds = [json.loads(ln) for ln in (tmp_path / "self.jsonl").read_text().splitlines()]
     assert len({p["experts"][0]["text"] for p in preds}) == 1
@@ -351,6 +355,18 @@ def test_eval_self_captions_once_per_image_and_a_named_caption_expert_wins(tmp_p
     assert named["experts"] == [["caption", "efficientnet_lite0 ImageNet classifier (p >= 0.2)"]]
     with pytest.raises(Lav2Error, match="made with experts caption \\(the model itself\\), not none"):
         evaluate(EvalOptions("vqa", out=tmp_path / "self.jsonl", self_caption=False, **opts), log=lambda m: None)
+
+
+def test_a_self_captioning_model_answers_from_its_caption_alone(self_captioner, chelsea_png):
+    eng = engine.load(str(self_captioner), device="cpu", inference=True)
+    experts = Experts(ExpertOptions()).with_self_caption()
+    experts.bind(eng)
+    calls = []
+    real = eng.generate
+    eng.generate = lambda prompts, images=None, **kw: calls.append(images) or real(prompts, images=images, **kw)
+    ans = ask.answer_one(eng, str(chelsea_png), "What animal is this?", Sampling(max_new_tokens=2), experts)
+    assert len(calls) == 2 and calls[0].shape == (1, 3, 224, 224) and calls[1] is None  # caption pass, answer pass
+    assert ans.experts[0].source == "the model itself"
 
 
 def test_experts_compute_an_image_files_text_once():

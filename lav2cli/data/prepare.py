@@ -777,8 +777,8 @@ def easyvqa(job: Job, split: str = "both", kind: str = "both", instruction: str 
     With `yes_no_twins`, each yes/no question is followed by its twin with the other answer
     (``easyvqa-SPLIT-q INDEX-twin``, see easyvqa_twin): yes and no become equally likely.
     With `caption_context`, each vqa record's input is its image's caption as the caption expert
-    words it ("Image caption: a red circle"): data for a model that captions an image first and
-    then answers with its caption in context."""
+    words it ("Image caption: a red circle") and it has no image: data for a model that captions
+    an image first and answers from its caption (the caption records keep their images)."""
     if split not in ("train", "test", "both") or kind not in ("vqa", "caption", "both"):
         raise Lav2Error("easyvqa: --split is train, test or both; --kind is vqa, caption or both")
     if yes_no_twins and kind == "caption":
@@ -810,13 +810,17 @@ def easyvqa(job: Job, split: str = "both", kind: str = "both", instruction: str 
                     yield Skip(UNKNOWN_IMAGE_ID, at, f"image {i}")
                     continue
                 caption = easyvqa_caption(attributes[i]) if caption_context else None
+                if caption_context and caption is None:
+                    yield Skip(NO_CAPTION, at, "its image's questions name no single colour or shape", problem=False)
+                    continue
                 context = labelled("caption", caption) if caption else ""
-                record = Record(f"easyvqa-{name}-q{k}", copies[i], q, a, "vqa", "easyvqa", context,
+                image = None if caption_context else copies[i]  # answered from the caption alone
+                record = Record(f"easyvqa-{name}-q{k}", image, q, a, "vqa", "easyvqa", context,
                                 extra={**extra, "image_id": i})
                 yield Candidate(record, at, f"{name}/{i}")
                 twin = easyvqa_twin(q, a, attributes[i], pick) if yes_no_twins else None
                 if twin is not None:
-                    record = Record(f"easyvqa-{name}-q{k}-twin", copies[i], *twin, "vqa", "easyvqa", context,
+                    record = Record(f"easyvqa-{name}-q{k}-twin", image, *twin, "vqa", "easyvqa", context,
                                     extra={**extra, "image_id": i, "twin_of": f"easyvqa-{name}-q{k}"})
                     yield Candidate(record, at, f"{name}/{i}")
         if kind in ("caption", "both"):

@@ -173,7 +173,8 @@ def _generate(engine, opts: EvalOptions, units: list[T.Unit], max_new: int,
         instruction, input, short = T.prompt_parts(opts.task, u, opts.short_answer, opts.suffix)
         parts.append((instruction, join_context(input, context(outs)), short))
     ids = [tpl.encode_prompt(tok, *p) for p in parts]
-    images, mask = _image_batch(engine, units)
+    # a self-captioning model answers from its caption alone (the caption pass read the image)
+    images, mask = (None, None) if experts and experts.options.self_caption else _image_batch(engine, units)
     outs = engine.generate(ids, images=images, image_mask=mask,
                            sampling=Sampling(max_new_tokens=max_new, temperature=0.0, top_p=1.0))
     rows = []
