@@ -340,33 +340,26 @@ class Experts:
         """Each expert's text about `image`, with its time (model building excluded). With
         `path`, the image's file: its texts are computed once per command (easy-VQA asks about
         ten questions per image)."""
-        if path is not None and path in self._seen:
-            return self._seen[path]
-        outputs = []
-        for name in self.options.experts:
-            model = self.model(name)
-            t0 = time.perf_counter()
-            text = model(image)
-            outputs.append(ExpertOutput(name, self.options.source(name), text, time.perf_counter() - t0))
-        if path is not None:
-            self._seen[path] = outputs
-        return outputs
+        if path is None:
+            return self._texts([image])[0]
+        return self.run_files([path], lambda _: image)[0]
 
     def run_files(self, paths: list[str], load: Callable[[str], "Image"]) -> list[list[ExpertOutput]]:
         """run() for the image files `paths` (loaded with `load`): each file once per command,
-        the new ones of a call in one batch where the expert takes batches (a model captioner);
-        the seconds are the batch's share per image."""
+        the new ones of a call in one batch where the expert takes batches (a model captioner)."""
         new = list(dict.fromkeys(p for p in paths if p not in self._seen))
         if new:
-            images = [load(p) for p in new]
-            texts: dict[str, tuple[list[str], float]] = {}
-            for name in self.options.experts:
-                model = self.model(name)
-                t0 = time.perf_counter()
-                many = getattr(model, "many", None)
-                got = many(images) if many is not None else [model(im) for im in images]
-                texts[name] = (got, (time.perf_counter() - t0) / len(images))
-            for k, p in enumerate(new):
-                self._seen[p] = [ExpertOutput(n, self.options.source(n), texts[n][0][k], texts[n][1])
-                                 for n in self.options.experts]
+            self._seen.update(zip(new, self._texts([load(p) for p in new])))
         return [self._seen[p] for p in paths]
+
+    def _texts(self, images: list["Image"]) -> list[list[ExpertOutput]]:
+        """Every expert's text about each image; the seconds are the batch's share per image."""
+        texts: dict[str, tuple[list[str], float]] = {}
+        for name in self.options.experts:
+            model = self.model(name)
+            t0 = time.perf_counter()
+            many = getattr(model, "many", None)
+            got = many(images) if many is not None else [model(im) for im in images]
+            texts[name] = (got, (time.perf_counter() - t0) / len(images))
+        return [[ExpertOutput(n, self.options.source(n), texts[n][0][k], texts[n][1]) for n in self.options.experts]
+                for k in range(len(images))]

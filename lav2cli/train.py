@@ -574,8 +574,9 @@ class Trainer:
                     "groups": dict(self.print_groups())}
         if self.previous_stage:
             training["previous"] = self.previous_stage
-        self_caption = self.recipe.data.caption_context or bool(self.engine.config.meta.get("self_caption"))
-        self.engine.save_adapter(self.out, training=training, tensors=tensors, self_caption=self_caption,
+        # caption_context marks the artifact; otherwise the mark of the artifact continued stays
+        self.engine.save_adapter(self.out, training=training, tensors=tensors,
+                                 self_caption=self.recipe.data.caption_context or None,
                                  extra_files={STATE_FILE: buf.getvalue(), METRICS_FILE: metrics,
                                               RECIPE_FILE: self.recipe.render_toml().encode()})
         self.last_saved = self.step

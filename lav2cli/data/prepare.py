@@ -813,7 +813,7 @@ def easyvqa(job: Job, split: str = "both", kind: str = "both", instruction: str 
                 if caption_context and caption is None:
                     yield Skip(NO_CAPTION, at, "its image's questions name no single colour or shape", problem=False)
                     continue
-                context = labelled("caption", caption) if caption else ""
+                context = labelled("caption", caption) if caption_context else ""
                 image = None if caption_context else copies[i]  # answered from the caption alone
                 record = Record(f"easyvqa-{name}-q{k}", image, q, a, "vqa", "easyvqa", context,
                                 extra={**extra, "image_id": i})
