@@ -55,10 +55,13 @@ def test_info_demo_shows_how_it_was_trained():
     r = run_cli("info", "demo", "--json")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
-    tr = info["training"]
-    assert tr["stage"] == "joint" and tr["step"] == tr["total_steps"] > 0
-    assert set(tr["data"]) == {"image_text", "instruction"} and min(tr["data"].values()) > 0
-    assert tr["recipe"]["data"]["text"], "the recipe's text-only data is recorded"
+    tr = info["training"]  # stage 2 (recipes/demo-stage2.toml) continued stage 1 (recipes/demo.toml)
+    assert tr["stage"] == "finetune" and tr["step"] == tr["total_steps"] > 0 and tr["recipe"]["data"]["caption_context"]
+    first = tr["previous"]
+    assert first["stage"] == "joint" and first["step"] == first["total_steps"] > 0
+    assert set(first["data"]) == {"image_text", "instruction"} and min(first["data"].values()) > 0
+    assert tr["recipe"]["data"]["text"] and first["recipe"]["data"]["text"], "the text-only data is recorded"
+    assert info["self_caption"] and info["adapter"]["lora_rank"] > 0
     tasks = {e["task"]: e for e in info["evaluations"]}
     assert tasks["vqa"]["n"] == 9673 and 0.0 <= tasks["vqa"]["accuracy"] <= 1.0
     assert "contains_answer" in tasks["text"]
@@ -94,29 +97,52 @@ def test_demo_still_answers_text_questions():
     assert "paris" in r.stdout.lower(), r.stdout
 
 
-def test_demo_recipe_trains_and_its_losses_fall(tmp_path):
+def test_demo_recipes_train_and_their_losses_fall(tmp_path):
     """recipes/demo.toml as shipped (base, encoder, variant, stage, text mix), on a small slice of
-    easy-VQA and a few text records, for a few steps: both streams' losses fall."""
+    easy-VQA and a few text records, for a few steps: both streams' losses fall. Then
+    recipes/demo-stage2.toml continues that artifact: LoRA is added, its loss falls, and the
+    result is marked self_caption."""
     prepare("easyvqa", tmp_path / "all.jsonl", split="test", kind="both", quiet=True)
+    prepare("easyvqa", tmp_path / "read-all.jsonl", split="test", kind="both", yes_no_twins=True,
+            caption_context=True, quiet=True)
     rows = [json.loads(x) for x in (tmp_path / "all.jsonl").read_text().splitlines()]
     image_ids = sorted({r["image_id"] for r in rows})[:6]  # a few images: the same batches come back
     caps = [r for r in rows if r["kind"] == "caption" and r["image_id"] in image_ids]
     vqa = [r for r in rows if r["kind"] == "vqa" and r["image_id"] in image_ids][:12]
+    read = [r for r in map(json.loads, (tmp_path / "read-all.jsonl").read_text().splitlines())
+            if r["image_id"] in image_ids][:16]
+    assert sum(r["kind"] == "vqa" and r["input"].startswith("Image caption: ") for r in read) >= 10
     text = [{"id": f"t{i}", "image": None, "instruction": q, "input": "", "output": a, "kind": "instruction",
              "source": "test"} for i, (q, a) in enumerate([("What is the capital of France?", "The capital of France is Paris."),
                                                           ("What colour is grass?", "Grass is green.")])]
-    for name, recs in (("captions.jsonl", caps), ("vqa.jsonl", vqa), ("text.jsonl", text)):
+    for name, recs in (("captions.jsonl", caps), ("vqa.jsonl", vqa), ("text.jsonl", text), ("read.jsonl", read)):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in recs))
     out = tmp_path / "run"
-    sets = {"data.image_text": tmp_path / "captions.jsonl", "data.instruction": tmp_path / "vqa.jsonl",
-            "data.text": tmp_path / "text.jsonl", "data.text_repeat": 2, "data.feature_cache": "false",
-            "train.batch_size": 4, "train.max_steps": 24, "train.warmup_steps": 2, "train.log_every": 1,
-            "train.checkpoint_every": 0, "data.image_text_ratio": 0.5}
-    args = [a for k, v in sets.items() for a in ("--set", f'{k}="{v}"' if isinstance(v, Path) else f"{k}={v}")]
-    r = run_cli("train", "--recipe", str(ROOT / "recipes/demo.toml"), "--out", str(out), *args)
+    common = {"data.text": tmp_path / "text.jsonl", "data.text_repeat": 2, "data.feature_cache": "false",
+              "train.batch_size": 4, "train.warmup_steps": 2, "train.log_every": 1, "train.checkpoint_every": 0}
+    sets = {**common, "data.image_text": tmp_path / "captions.jsonl", "data.instruction": tmp_path / "vqa.jsonl",
+            "train.max_steps": 24, "data.image_text_ratio": 0.5}
+    r = run_cli("train", "--recipe", str(ROOT / "recipes/demo.toml"), "--out", str(out), *set_args(sets))
     assert r.returncode == 0, r.stderr
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     for stream in ("image_text", "instruction"):
-        ls = [x["loss"] for x in rows if x["stream"] == stream]
-        assert len(ls) >= 6, (stream, ls)
-        assert sum(ls[-3:]) / 3 < 0.7 * sum(ls[:3]) / 3, (stream, ls)
+        assert_falls(out, stream)
+
+    second = tmp_path / "stage2"
+    sets = {**common, "model.ref": out, "data.instruction": tmp_path / "read.jsonl", "train.max_steps": 16}
+    r = run_cli("train", "--recipe", str(ROOT / "recipes/demo-stage2.toml"), "--out", str(second), *set_args(sets))
+    assert r.returncode == 0, r.stderr
+    assert_falls(second, "instruction")
+    meta = json.loads((second / "lav2.json").read_text())
+    assert meta["self_caption"] and meta["adapter"]["lora_rank"] == 8 and meta["training"]["previous"]["stage"] == "joint"
+    assert any(".lora_" in n for n in meta["tensors"]), "stage 2 saves its LoRA pairs"
+
+
+def set_args(sets: dict) -> list[str]:
+    return [a for k, v in sets.items() for a in ("--set", f'{k}="{v}"' if isinstance(v, Path) else f"{k}={v}")]
+
+
+def assert_falls(run: Path, stream: str) -> None:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    ls = [x["loss"] for x in rows if x["stream"] == stream]
+    assert len(ls) >= 6, (stream, ls)
+    assert sum(ls[-3:]) / 3 < 0.7 * sum(ls[:3]) / 3, (stream, ls)

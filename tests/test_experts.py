@@ -270,8 +270,9 @@ def test_expert_needs_an_image():
 
 @pytest.mark.slow
 def test_ask_chelsea_with_the_caption_expert_answers_cat(chelsea_png):
+    # the embedded base (the demo default knows only easy-VQA's shapes): the expert's text is its only sight
     r = lav2("ask", str(chelsea_png), "What animal is in the picture?", "--expert", "caption",
-             "--temperature", "0", "--max-new-tokens", "30", "--json", "--show-prompt")
+             "--model", "smollm2-135m-instruct", "--temperature", "0", "--max-new-tokens", "30", "--json", "--show-prompt")
     assert r.returncode == 0, r.stderr
     row = json.loads(r.stdout)
     cap = row["experts"][0]
@@ -284,7 +285,7 @@ def test_ask_chelsea_with_the_caption_expert_answers_cat(chelsea_png):
 def test_ask_reads_the_sign_with_the_ocr_expert(sentence_png):
     pytest.importorskip("rapidocr_onnxruntime")
     r = lav2("ask", str(sentence_png), "What does the text in the image say?", "--expert", "ocr", "--expert",
-             "caption", "--temperature", "0", "--max-new-tokens", "30", "--json")
+             "caption", "--model", "smollm2-135m-instruct", "--temperature", "0", "--max-new-tokens", "30", "--json")
     assert r.returncode == 0, r.stderr
     row = json.loads(r.stdout)
     assert [e["name"] for e in row["experts"]] == ["ocr", "caption"]
