@@ -244,14 +244,16 @@ def test_examples_tokenise_prompt_and_response_together(spm_model_path):
 
 @pytest.mark.parametrize("variant, lora, prompt_lora, expected", [
     ("paper", 0, 0, 7 * 3),  # every linear of the 3 layers
-    ("paper", 4, 0, 0),  # LoRA adds before the scale
+    ("paper", 4, 0, 7 * 3),  # LoRA folds too; the prompt layers' wk/wv get the pair back out
     ("paper", 0, 4, 7 * 3 - 4 * 2),  # the 2 prompt layers' attention linears carry a prompt-only LoRA
+    ("paper", 4, 4, 7 * 3 - 4 * 2),  # both: those keep their pairs unfolded
     ("official", 0, 0, 0),  # no scales
+    ("official", 4, 0, 7 * 3),  # LoRA alone folds
 ])
 def test_folding_scales_for_inference_keeps_logits_and_tokens(variant, lora, prompt_lora, expected):
-    """fold_for_inference: W' = diag(s) W, b' = s b for every linear without a LoRA pair; the
-    logits and greedy tokens stay those of the unfolded model, and the folded model refuses to
-    hand out its (no longer trained) adapter tensors."""
+    """fold_for_inference: W' = diag(s) (W + B A), b' = s b; the logits (with the image, through
+    the adaption prompts) and greedy tokens stay those of the unfolded model, and the folded model
+    refuses to hand out its (no longer trained) adapter tensors."""
     _, model = adapted(variant, lora=lora, prompt_lora_rank=prompt_lora)
     perturb_adapter(model)
     open_gates(model)
@@ -267,3 +269,19 @@ def test_folding_scales_for_inference_keeps_logits_and_tokens(variant, lora, pro
     assert generate(model, [[5, 17, 3, 44, 9]], stop_ids=frozenset(), pad_id=0, images=feats[:1], sampling=s) == want
     with pytest.raises(RuntimeError, match="folded for inference"):
         model.adapter_state_dict()
+
+
+def test_lora_stays_unfolded_on_bfloat16_weights():
+    """In bf16, W + B A would round a small pair away: LoRA linears keep scale and pair, and the
+    folded model computes what the unfolded one does."""
+    _, model = adapted("paper", lora=4)
+    perturb_adapter(model)
+    open_gates(model)
+    model.to(torch.bfloat16)
+    tokens = torch.randint(0, TINY.vocab_size, (2, 9))
+    feats = torch.randn(2, 7, ENC_DIM, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = model(tokens, feats)
+    assert model.fold_for_inference() == 0
+    with torch.no_grad():
+        assert torch.equal(model(tokens, feats), ref)

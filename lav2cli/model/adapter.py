@@ -197,26 +197,56 @@ class LlamaAdapterV2(nn.Module):
 
     @torch.no_grad()
     def fold_for_inference(self) -> int:
-        """Fold each scale into its frozen weight and bias, W' = diag(s) W, b' = s b, so that an
-        adapted linear is one F.linear again (eager decoding runs ~200 fewer small ops per token
-        on a 30-layer model). Linears with a LoRA or prompt-only LoRA pair keep their scale: the
-        pair's output is added before it. Inference only: the model cannot be trained or saved
-        afterwards. Returns the number of linears folded."""
+        """Fold each scale and LoRA pair into its frozen weight and bias, W' = diag(s) (W + B A),
+        b' = s b, so that an adapted linear is one F.linear again (eager decoding runs ~200 fewer
+        small ops per token on a 30-layer model, ~400 fewer with LoRA). The adaption prompts'
+        keys and values never saw the token path's LoRA: a prompt layer's wk/wv get a prompt-only
+        pair (A, -diag(s) B) that takes it back out, as `lav2 merge` writes it. LoRA folds only
+        into float32 weights (in bf16 the sum W + B A would round the pair away); linears that
+        already carry a prompt-only pair keep theirs unfolded. Inference only: the model cannot be
+        trained or saved afterwards. Returns the number of linears folded."""
         folded = 0
+        first_prompt_layer = self.config.n_layers - self.adapter.prompt_layers if self.adapter is not None else 0
         for layer in self.llama.layers if self.adapter is not None else ():
             for parent in (layer.attention, layer.feed_forward):
-                if getattr(parent, "lora_rank", 0) or getattr(parent, "prompt_lora", False):
+                lins = [(n, m) for n, m in parent.named_children() if isinstance(m, AdaptedLinear)]
+                lora = getattr(parent, "lora_rank", 0)
+                if getattr(parent, "prompt_lora", False) or (lora and lins[0][1].weight.dtype != torch.float32):
                     continue
-                for lin in parent.children():
-                    if isinstance(lin, AdaptedLinear) and lin.scale is not None:
-                        w, b = lin.folded()
-                        lin.weight.copy_(w)
-                        if b is not None:
-                            lin.bias.copy_(b)
-                        lin.scale = None
-                        folded += 1
+                if lora and parent is layer.attention and parent.layer_id >= first_prompt_layer:
+                    self._take_lora_out_of_prompts(parent)
+                for name, lin in lins:
+                    if lin.scale is None and not lora:
+                        continue
+                    delta = None
+                    if lora:
+                        l1, l2 = getattr(parent, f"lora_{name}_l1"), getattr(parent, f"lora_{name}_l2")
+                        delta = l2.weight.detach().float() @ l1.weight.detach().float()
+                    w, b = lin.folded(delta)
+                    lin.weight.copy_(w)
+                    if b is not None:
+                        lin.bias.copy_(b)
+                    lin.scale = None
+                    folded += 1
+                parent.lora_rank = 0  # the pairs are in the weights now
         self.folded_for_inference = True
         return folded
+
+    @staticmethod
+    def _take_lora_out_of_prompts(att: "AdaptedAttention") -> None:
+        """Before wk/wv fold their LoRA: the prompt path gets (A, -diag(s) B), so that
+        s (W + B A) p + s b - s B A p = s (W p + b), what it computed unfolded."""
+        for name in ("wk", "wv"):
+            l1, l2 = getattr(att, f"lora_{name}_l1"), getattr(att, f"lora_{name}_l2")
+            s = getattr(att, name).scale
+            s = s.detach().float()[:, None] if s is not None else 1.0
+            p1 = nn.Linear(l1.in_features, l1.out_features, bias=False).to(l1.weight)
+            p2 = nn.Linear(l2.in_features, l2.out_features, bias=False).to(l2.weight)
+            p1.weight.data.copy_(l1.weight.detach())
+            p2.weight.data.copy_(-s * l2.weight.detach().float())
+            setattr(att, f"prompt_lora_{name}_l1", p1.requires_grad_(False))
+            setattr(att, f"prompt_lora_{name}_l2", p2.requires_grad_(False))
+        att.prompt_lora = True
 
     # -- visual branch ----------------------------------------------------------------------
 
