@@ -1,5 +1,6 @@
-"""Generation: a static KV cache, left-padded batched prefill, prompt K/V computed once per
-request, greedy or temperature/top-p sampling, and an optionally compiled decode step."""
+"""Generation: a static KV cache, left-padded batched prefill (a prefix all text-only rows share
+computed once), prompt K/V computed once per request, greedy or temperature/top-p sampling, and
+an optionally compiled decode step."""
 
 from __future__ import annotations
 
@@ -40,6 +41,46 @@ def _decode_step(model: LlamaAdapterV2, token, input_pos, pad, prompt_kv):
 
 _compiled: dict[str, Callable] = {}
 CACHE_BUCKET = 512
+MIN_SHARED_PREFIX = 8  # below this, one more forward pass costs more than it saves
+
+
+def shared_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
+    """Tokens every prompt starts with, leaving each at least one of its own (whose logits start
+    the answer)."""
+    n = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    for i in range(n):
+        if any(p[i] != first[i] for p in prompts):
+            return i
+    return max(n, 0)
+
+
+def _prefill_shared_prefix(model: LlamaAdapterV2, prompts: Sequence[Sequence[int]], pad: list[int]) -> int:
+    """Text-only rows that share a prefix (a template's system turn, an instruction) get its K/V
+    computed once, in a batch of one, and copied into each row's slots: every row's prefix sits at
+    positions 0..P-1 whatever its left padding, so the K/V (RoPE included) are the same. Call with
+    the batch's cache set up. Returns the first cache slot the batched prefill still computes."""
+    p = shared_prefix_len(prompts)
+    if len(prompts) < 2 or p < MIN_SHARED_PREFIX:
+        return 0
+    layers = model.llama.layers
+    device = model.llama.tok_embeddings.weight.device
+    batch_caches = [layer.attention.kv_cache for layer in layers]
+    model.setup_cache(1, p)
+    try:
+        model(torch.tensor([list(prompts[0][:p])], device=device), input_pos=torch.arange(p, device=device),
+              pad=torch.zeros(1, dtype=torch.long, device=device), prompt_kv=model.prompt_kv(None, None, batch=1),
+              last_only=True)
+        for layer, cache in zip(layers, batch_caches):
+            one = layer.attention.kv_cache
+            for r, n in enumerate(pad):
+                cache.k[r, :, n:n + p] = one.k[0, :, :p]
+                cache.v[r, :, n:n + p] = one.v[0, :, :p]
+    finally:
+        for layer, cache in zip(layers, batch_caches):
+            layer.attention.kv_cache = cache
+    # rows padded more than the least-padded one recompute a few prefix tokens: the same K/V
+    return min(pad) + p
 
 
 def decode_step_fn(compile: bool, device: torch.device) -> Callable:
@@ -95,8 +136,10 @@ def generate(
     model.setup_cache(B, total)
     try:
         prompt_kv = model.prompt_kv(images, image_mask, batch=B)
-        logits = model(tokens, input_pos=torch.arange(t0, device=device), pad=pad, prompt_kv=prompt_kv,
-                       last_only=True)[:, -1].float()
+        # with images, each row's prompts (and so its prefix K/V) differ
+        start = _prefill_shared_prefix(model, prompts, [t0 - n for n in lens]) if images is None else 0
+        logits = model(tokens[:, start:], input_pos=torch.arange(start, t0, device=device), pad=pad,
+                       prompt_kv=prompt_kv, last_only=True)[:, -1].float()
         step = decode_step_fn(compile, device)
         out: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lav2cli.generate import Sampling, generate
+from lav2cli.generate import Sampling, _prefill_shared_prefix, generate, shared_prefix_len
 from lav2cli.model.adapter import LlamaAdapterV2, is_adapter_param
 from lav2cli.model.config import AdapterConfig, LlamaConfig, VisualConfig
 
@@ -122,6 +122,44 @@ def test_batched_left_padded_generation_equals_one_by_one():
     alone = [generate(model, [p], stop_ids=frozenset(), pad_id=0, sampling=s)[0] for p in prompts]
     batched = generate(model, prompts, stop_ids=frozenset(), pad_id=0, sampling=s)
     assert batched == alone
+
+
+def test_shared_prefix_len():
+    assert shared_prefix_len([[1, 2, 3, 4], [1, 2, 3, 4, 5], [1, 2, 9]]) == 2
+    assert shared_prefix_len([[1, 2, 3], [1, 2, 3]]) == 2  # each row keeps a token of its own
+    assert shared_prefix_len([[1], [1, 2]]) == 0 and shared_prefix_len([[4, 2], [5, 2]]) == 0
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_a_shared_prefix_is_computed_once_and_changes_no_token(variant):
+    """Text-only rows sharing 10 tokens, left-padded to different lengths: the prefix goes through
+    the model once (batch of one), the batched prefill computes only from the least-padded row's
+    first own slot, and every row's tokens are those it gets alone."""
+    _, model = adapted(variant, lora=4)
+    perturb_adapter(model)
+    open_gates(model)
+    prefix = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
+    prompts = [prefix + [5, 17, 3, 44, 9], prefix + [7, 2], prefix + [1, 2, 3, 4], prefix + [7, 3]]
+    s = Sampling(max_new_tokens=8, temperature=0)
+    alone = [generate(model, [p], stop_ids=frozenset(), pad_id=0, sampling=s)[0] for p in prompts]
+    seen = []
+    hook = model.llama.tok_embeddings.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    batched = generate(model, prompts, stop_ids=frozenset(), pad_id=0, sampling=s)
+    hook.remove()
+    assert batched == alone
+    assert seen[:2] == [(1, 10), (4, 5)]  # the prefix once, then the rows' own tokens (15 - 10)
+    # the first logits of every row, through the shared prefix and through a full prefill
+    t0 = max(map(len, prompts))
+    pad = [t0 - len(p) for p in prompts]
+    tokens = torch.tensor([[0] * n + p for n, p in zip(pad, prompts)])
+    logits = []
+    for share in (True, False):
+        model.setup_cache(len(prompts), t0 + 1)
+        start = _prefill_shared_prefix(model, prompts, pad) if share else 0
+        logits.append(model(tokens[:, start:], input_pos=torch.arange(start, t0), pad=torch.tensor(pad),
+                            prompt_kv=model.prompt_kv(None, None, batch=len(prompts)), last_only=True))
+        model.clear_cache()
+    assert torch.allclose(*logits, atol=1e-5), (logits[0] - logits[1]).abs().max()
 
 
 def test_generation_stops_at_stop_token_and_sampling_is_seeded():
