@@ -124,7 +124,8 @@ def generate(
     tokens = torch.full((B, t0), pad_id, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         tokens[i, t0 - len(p):] = torch.tensor(p, dtype=torch.long)
-    pad = torch.tensor([t0 - n for n in lens], device=device)
+    pads = [t0 - n for n in lens]
+    pad = torch.tensor(pads, device=device)
     generator = None
     if sampling.temperature > 0:
         generator = torch.Generator(device=device)
@@ -137,7 +138,7 @@ def generate(
     try:
         prompt_kv = model.prompt_kv(images, image_mask, batch=B)
         # with images, each row's prompts (and so its prefix K/V) differ
-        start = _prefill_shared_prefix(model, prompts, [t0 - n for n in lens]) if images is None else 0
+        start = _prefill_shared_prefix(model, prompts, pads) if images is None else 0
         logits = model(tokens[:, start:], input_pos=torch.arange(start, t0, device=device), pad=pad,
                        prompt_kv=prompt_kv, last_only=True)[:, -1].float()
         step = decode_step_fn(compile, device)

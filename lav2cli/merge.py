@@ -90,10 +90,8 @@ def fold(model) -> tuple[dict[str, torch.Tensor], list[str]]:
         for name, mod in LINEARS.items():
             parent = getattr(layer, mod)
             lin = getattr(parent, name)
-            delta = None
-            if getattr(parent, "lora_rank", 0):
-                l1 = getattr(parent, f"lora_{name}_l1").weight.detach().float()
-                delta = getattr(parent, f"lora_{name}_l2").weight.detach().float() @ l1
+            delta = parent.lora_delta(name)
+            if delta is not None:
                 kinds.add("LoRA")
             if lin.scale is not None:
                 kinds.add("scale")
@@ -138,8 +136,9 @@ def sidecar(model) -> tuple[Any, dict[str, torch.Tensor], list[str]]:
                 l1s.append(getattr(att, f"prompt_lora_{name}_l1").weight.detach().float())
                 l2s.append(s * getattr(att, f"prompt_lora_{name}_l2").weight.detach().float())
             if att.lora_rank:
-                l1s.append(getattr(att, f"lora_{name}_l1").weight.detach().float())
-                l2s.append(-s * getattr(att, f"lora_{name}_l2").weight.detach().float())
+                l1, l2 = att.lora_out_of_prompts(name)
+                l1s.append(l1)
+                l2s.append(l2)
             if l1s:
                 p = f"llama.layers.{i}.attention.prompt_lora_{name}"
                 tensors[f"{p}_l1.weight"] = torch.cat(l1s, 0)

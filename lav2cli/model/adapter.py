@@ -84,6 +84,22 @@ class _Adapted:
                 setattr(self, f"lora_{name}_l2", l2)
         self.lora_rank = a.lora_rank
 
+    def lora_delta(self, name: str) -> torch.Tensor | None:
+        """float32 B A of linear `name`'s LoRA pair (None without LoRA): what folds into its weight."""
+        if not self.lora_rank:
+            return None
+        l1, l2 = getattr(self, f"lora_{name}_l1"), getattr(self, f"lora_{name}_l2")
+        return l2.weight.detach().float() @ l1.weight.detach().float()
+
+    def lora_out_of_prompts(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 (A, -diag(s) B) for wk/wv once their LoRA is folded: as a prompt-only pair it
+        takes the LoRA back out of the adaption prompts' K/V, which never saw it:
+        s (W + B A) p + s b - s B A p = s (W p + b)."""
+        l1, l2 = getattr(self, f"lora_{name}_l1"), getattr(self, f"lora_{name}_l2")
+        s = getattr(self, name).scale
+        s = s.detach().float()[:, None] if s is not None else 1.0
+        return l1.weight.detach().float(), -s * l2.weight.detach().float()
+
     def proj(self, name: str, x: torch.Tensor, lora: bool = True) -> torch.Tensor:
         delta = None
         if lora and self.lora_rank:
@@ -218,11 +234,7 @@ class LlamaAdapterV2(nn.Module):
                 for name, lin in lins:
                     if lin.scale is None and not lora:
                         continue
-                    delta = None
-                    if lora:
-                        l1, l2 = getattr(parent, f"lora_{name}_l1"), getattr(parent, f"lora_{name}_l2")
-                        delta = l2.weight.detach().float() @ l1.weight.detach().float()
-                    w, b = lin.folded(delta)
+                    w, b = lin.folded(parent.lora_delta(name))
                     lin.weight.copy_(w)
                     if b is not None:
                         lin.bias.copy_(b)
@@ -234,18 +246,12 @@ class LlamaAdapterV2(nn.Module):
 
     @staticmethod
     def _take_lora_out_of_prompts(att: "AdaptedAttention") -> None:
-        """Before wk/wv fold their LoRA: the prompt path gets (A, -diag(s) B), so that
-        s (W + B A) p + s b - s B A p = s (W p + b), what it computed unfolded."""
+        """Before wk/wv fold their LoRA: their prompt path gets the pair that takes it back out."""
         for name in ("wk", "wv"):
-            l1, l2 = getattr(att, f"lora_{name}_l1"), getattr(att, f"lora_{name}_l2")
-            s = getattr(att, name).scale
-            s = s.detach().float()[:, None] if s is not None else 1.0
-            p1 = nn.Linear(l1.in_features, l1.out_features, bias=False).to(l1.weight)
-            p2 = nn.Linear(l2.in_features, l2.out_features, bias=False).to(l2.weight)
-            p1.weight.data.copy_(l1.weight.detach())
-            p2.weight.data.copy_(-s * l2.weight.detach().float())
-            setattr(att, f"prompt_lora_{name}_l1", p1.requires_grad_(False))
-            setattr(att, f"prompt_lora_{name}_l2", p2.requires_grad_(False))
+            for suffix, w in zip(("l1", "l2"), att.lora_out_of_prompts(name)):
+                lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=att.wk.weight.dtype)
+                lin.weight.data.copy_(w)
+                setattr(att, f"prompt_lora_{name}_{suffix}", lin.requires_grad_(False))
         att.prompt_lora = True
 
     # -- visual branch ----------------------------------------------------------------------
