@@ -271,9 +271,15 @@ def train(
         overrides.append("train.fsdp=true")
     out_dir = Path(out)
     r = train_mod.resolve(recipe, overrides, out_dir, resume)
+    created = not out_dir.exists()
     train_mod.prepare_out(out_dir, resume, force)
     err = _stderr()
-    trainer = train_mod.Trainer(r, out_dir, resume, log=lambda m: err.print(m, markup=False, soft_wrap=True))
+    try:
+        trainer = train_mod.Trainer(r, out_dir, resume, log=lambda m: err.print(m, markup=False, soft_wrap=True))
+    except BaseException:
+        if created and not any(out_dir.iterdir()):  # a run that could not start leaves no empty --out
+            out_dir.rmdir()
+        raise
     if trainer.dist.main:
         table = Table(title="recipe", show_header=False, title_justify="left")
         for sec, values in r.to_dict().items():

@@ -76,6 +76,13 @@ def test_unknown_model_reference():
     assert_one_line_error(lav2("ask", "none", "hi", "--model", "no-such-model-xyz"), "no-such-model-xyz")
 
 
+def test_train_that_cannot_start_leaves_no_out_directory(tmp_path):
+    out = tmp_path / "runs" / "x"
+    r = lav2("train", "--recipe", "recipes/tiny.toml", "--set", "model.ref=no-such-model-xyz", "--out", str(out))
+    assert_one_line_error(r, "no-such-model-xyz")
+    assert not out.exists()
+
+
 def test_directory_without_weights(tmp_path):
     assert_one_line_error(lav2("info", str(tmp_path)), str(tmp_path), "no LLaMA weights")
 
