@@ -78,7 +78,11 @@ def test_unknown_model_reference():
 
 def test_train_that_cannot_start_leaves_no_out_directory(tmp_path):
     out = tmp_path / "runs" / "x"
-    r = lav2("train", "--recipe", "recipes/tiny.toml", "--set", "model.ref=no-such-model-xyz", "--out", str(out))
+    text = tmp_path / "text.jsonl"
+    text.write_text(json.dumps({"id": "t0", "image": None, "instruction": "Hi", "input": "", "output": "Hello.",
+                                "kind": "instruction", "source": "test"}) + "\n")
+    r = lav2("train", "--recipe", "recipes/tiny.toml", "--set", "model.ref=no-such-model-xyz", "--set",
+             "data.image_text=", "--set", f'data.instruction="{text}"', "--set", "train.stage=finetune", "--out", str(out))
     assert_one_line_error(r, "no-such-model-xyz")
     assert not out.exists()
 
