@@ -94,7 +94,7 @@ def bench_decode(shape: str, batch: int, prompt_len: int, new_tokens: int, compi
 
     _cpu_denormals_off(device)
     model = random_model(shape, variant, 0, device, dtype).eval()
-    folded = model.fold_for_inference() if fold else 0  # as `ask` and `eval` run it
+    folded, moved = model.prepare_for_inference() if fold else (0, 0)  # as `ask` and `eval` run it
     vocab = model.config.vocab_size
     prompts = torch.randint(3, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(0)).tolist()
     run = lambda n: generate(model, prompts, stop_ids=frozenset(), pad_id=0,  # noqa: E731
@@ -121,7 +121,7 @@ def bench_decode(shape: str, batch: int, prompt_len: int, new_tokens: int, compi
     bw = (_param_bytes(model) + kv_bytes) * (steps - 1) / decode_s
     return {
         "bench": "decode", "shape": shape, "variant": variant, "batch": batch, "prompt_len": prompt_len,
-        "new_tokens": steps, "compile": compile, "folded_linears": folded, "dtype": str(dtype).removeprefix("torch."),
+        "new_tokens": steps, "compile": compile, "folded_linears": folded, "column_major_weights": moved, "dtype": str(dtype).removeprefix("torch."),
         "tokens_per_s": round(tok_s, 2), "seconds_per_token": round(decode_s / max(steps - 1, 1), 6),
         "prefill_s": round(prefill, 4), "weight_bytes": _param_bytes(model),
         "bandwidth_gb_s": round(bw / 1e9, 1), "bandwidth_share": round(bw / peak_bw, 3) if peak_bw else None,

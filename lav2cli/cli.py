@@ -482,7 +482,7 @@ def bench_decode(
     new_tokens: int = typer.Option(200, min=2),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step."),
     variant: str = typer.Option("paper", help="paper, official or none (the plain base)."),
-    fold: bool = typer.Option(True, "--fold/--no-fold", help="Fold the adapter's scales into the weights, as ask and eval do."),
+    fold: bool = typer.Option(True, "--fold/--no-fold", help="Prepare the weights as ask and eval do: fold the adapter's scales (and LoRA), float32 CPU weights column-major."),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto", help="auto: bf16 on CUDA, fp32 on CPU."),
     as_json: bool = typer.Option(False, "--json"),

@@ -294,8 +294,9 @@ def load(ref: str, *, base: str | None = None, clip: str | None = None,
     adapter on a base reference: the starting point of training. `add_lora_rank` gives an
     artifact without LoRA fresh LoRA pairs of that rank (second factor zero: the model still
     computes exactly the artifact's function), for a training stage that continues it.
-    `inference=True` folds the adapter's scales into the frozen weights (faster; the engine
-    can then not train or save).
+    `inference=True` prepares the model for inference (`prepare_for_inference`: scales and LoRA
+    folded into the frozen weights, float32 CPU weights column-major; faster, and the engine can
+    then not train or save).
     """
     from lav2cli.formats import artifact, official
 
@@ -375,5 +376,5 @@ def load(ref: str, *, base: str | None = None, clip: str | None = None,
                        preprocess=preprocess if encoder else None, files=files, meta=meta)
     transform = preprocess.transform() if (preprocess is not None and encoder is not None) else None
     if inference:
-        model.fold_for_inference()
+        model.prepare_for_inference()
     return Engine(model, bw.tokenizer, transform, cfg, dev, dt)

@@ -3,6 +3,8 @@ exact tensor names and counts of the released checkpoints, cached = uncached dec
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -307,6 +309,39 @@ def test_folding_scales_for_inference_keeps_logits_and_tokens(variant, lora, pro
     assert generate(model, [[5, 17, 3, 44, 9]], stop_ids=frozenset(), pad_id=0, images=feats[:1], sampling=s) == want
     with pytest.raises(RuntimeError, match="folded for inference"):
         model.adapter_state_dict()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_cpu_layout_moves_float32_weights_and_keeps_values_logits_and_tokens(tie):
+    """lay_out_for_cpu_decoding stores every float32 linear weight and the head column-major,
+    values unchanged: logits with the image stay allclose and greedy tokens equal; a second call
+    moves nothing, and bf16 weights stay row-major."""
+    torch.manual_seed(0)
+    model = LlamaAdapterV2(replace(TINY, tie_embeddings=tie),
+                           AdapterConfig(variant="paper", lora_rank=4, visual=visual())).eval()
+    perturb_adapter(model)
+    open_gates(model)
+    tokens = torch.randint(0, TINY.vocab_size, (2, 9))
+    feats = torch.randn(2, 7, ENC_DIM)
+    s = Sampling(max_new_tokens=8, temperature=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        ref = model(tokens, feats)
+    want = generate(model, [[5, 17, 3, 44, 9], [8, 2]], stop_ids=frozenset(), pad_id=0, images=feats, sampling=s)
+    assert model.lay_out_for_cpu_decoding() == 7 * 3 + 1  # seven linears a layer, and the head
+    head = model.llama.head_weight()
+    linears = [m.weight for m in model.llama.modules() if isinstance(m, torch.nn.Linear)]
+    for w in [head, model.llama.layers[0].attention.wq.weight, model.llama.layers[2].feed_forward.w2.weight]:
+        assert w.stride() == (1, w.shape[0])
+    assert all(w.is_contiguous() for w in linears if w is not head)  # LoRA pairs are not moved
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    with torch.no_grad():
+        assert torch.allclose(model(tokens, feats), ref, atol=1e-5)
+    for compile in (False, True) if tie else (False,):  # one compiled case is enough (~6 s)
+        assert generate(model, [[5, 17, 3, 44, 9], [8, 2]], stop_ids=frozenset(), pad_id=0, images=feats,
+                        sampling=s, compile=compile) == want
+    assert model.lay_out_for_cpu_decoding() == 0
+    assert model.to(torch.bfloat16).lay_out_for_cpu_decoding() == 0
 
 
 def test_lora_stays_unfolded_on_bfloat16_weights():
