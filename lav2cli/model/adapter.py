@@ -263,9 +263,11 @@ class LlamaAdapterV2(nn.Module):
         return moved
 
     def prepare_for_inference(self) -> tuple[int, int]:
-        """What `ask`, `eval` and `bench decode` run on a loaded model: the fold, then the CPU
-        layout. Returns (linears folded, weights moved)."""
-        return self.fold_for_inference(), self.lay_out_for_cpu_decoding()
+        """What `ask`, `eval` and `bench decode` run on a loaded model: the CPU layout, then the
+        fold (which so writes into the layout's fresh copies, not into memory-mapped weights).
+        Returns (linears folded, weights moved)."""
+        moved = self.lay_out_for_cpu_decoding()
+        return self.fold_for_inference(), moved
 
     @staticmethod
     def _take_lora_out_of_prompts(att: "AdaptedAttention") -> None:
