@@ -132,6 +132,37 @@ def test_shared_prefix_len():
     assert shared_prefix_len([[1], [1, 2]]) == 0 and shared_prefix_len([[4, 2], [5, 2]]) == 0
 
 
+def test_a_kept_cache_is_reused_zeroed_and_changes_no_token():
+    """generate leaves its cache set aside; the next request of the same shape gets the same
+    buffers back, zeroed (its decode slots are empty after the prefill), and the tokens a fresh
+    cache gives; another shape gets new buffers, and an uncached forward in between sees none."""
+    _, model = adapted("paper", lora=4)
+    perturb_adapter(model)
+    open_gates(model)
+    s = Sampling(max_new_tokens=5, temperature=0)
+    caches: list = []  # the cache objects seen, kept alive (so no new one can take an old address)
+
+    def ask(prompts):
+        def on_token(row, ids):
+            cache = model.llama.layers[0].attention.kv_cache
+            if len(ids) == 1 and row == 0:  # right after the prefill: the decode slots are unwritten
+                assert not cache.k[:, :, max(map(len, prompts)):].any()
+            caches.append(cache)
+        return generate(model, prompts, stop_ids=frozenset(), pad_id=0, sampling=s, on_token=on_token)
+
+    first = ask([[5, 17, 3, 44, 9], [7, 2, 8, 1, 1]])
+    with torch.no_grad():
+        model(torch.tensor([[3, 4, 5]]))  # uncached: it would fail on a cache left attached
+    second = ask([[8, 2, 61, 6, 9], [40, 41, 42]])  # same batch and cache length, other padding
+    assert all(c is caches[0] for c in caches)
+    model.llama._spare_caches = None  # fresh buffers from here on
+    caches.clear()
+    assert ask([[8, 2, 61, 6, 9], [40, 41, 42]]) == second
+    assert ask([[5, 17, 3, 44, 9], [7, 2, 8, 1, 1]]) == first
+    ask([[5, 17, 3]])  # another shape
+    assert len({id(c) for c in caches}) == 2
+
+
 @pytest.mark.parametrize("variant", ["paper", "official"])
 def test_a_shared_prefix_is_computed_once_and_changes_no_token(variant):
     """Text-only rows sharing 10 tokens, left-padded to different lengths: the prefix goes through

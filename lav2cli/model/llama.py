@@ -140,6 +140,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.grad_checkpointing = False
+        self._spare_caches: list[KVCache] | None = None  # see setup_cache
 
     def head_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.config.tie_embeddings else self.output.weight
@@ -147,14 +148,32 @@ class Transformer(nn.Module):
     # -- KV cache ---------------------------------------------------------------------------
 
     def setup_cache(self, batch: int, max_len: int, dtype=None) -> None:
+        """Give every layer a zeroed cache. The set `clear_cache` last detached is reused when its
+        shape, dtype and device match: a compiled decode step then reads and writes the same
+        buffers in every request (CUDA graphs record again when a static input's address changes)."""
         if max_len > self.config.max_seq_len:
             self.extend_rope(max_len)
         ref = self.tok_embeddings.weight
+        dtype = dtype or ref.dtype
+        kept, self._spare_caches = self._spare_caches, None
+        a = self.layers[0].attention
+        if kept is not None and kept[0].k.shape == (batch, a.n_kv_heads, max_len, a.head_dim) \
+                and kept[0].k.dtype == dtype and kept[0].k.device == ref.device:
+            for layer, cache in zip(self.layers, kept):
+                cache.k.zero_()  # as fresh: a masked slot must hold finite values (0 x NaN is NaN)
+                cache.v.zero_()
+                layer.attention.kv_cache = cache
+            return
+        del kept  # freed before the new set is allocated
         for layer in self.layers:
             a = layer.attention
-            a.kv_cache = KVCache(batch, a.n_kv_heads, max_len, a.head_dim, dtype or ref.dtype, ref.device)
+            a.kv_cache = KVCache(batch, a.n_kv_heads, max_len, a.head_dim, dtype, ref.device)
 
     def clear_cache(self) -> None:
+        """Detach the caches (an uncached forward must see none) and keep the set for reuse."""
+        caches = [layer.attention.kv_cache for layer in self.layers]
+        if all(c is not None for c in caches):
+            self._spare_caches = caches
         for layer in self.layers:
             layer.attention.kv_cache = None
 
