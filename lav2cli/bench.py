@@ -9,8 +9,11 @@ frozen weights need no weight gradients).
 
 from __future__ import annotations
 
+import json
+import os
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -84,12 +87,42 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def device_busy_share(chrome_trace: dict[str, Any], wall_s: float) -> float | None:
+    """The share of `wall_s` the GPU spent in kernels, from a profiler's Chrome trace (events of
+    category "kernel", durations in microseconds); None without kernel events (CPU runs). Near 1:
+    the device is the limit; well below: the host keeps it waiting (launches, syncs, Python)."""
+    kernel_us = sum(e.get("dur", 0) for e in chrome_trace.get("traceEvents", []) if e.get("cat") == "kernel")
+    return round(kernel_us / 1e6 / wall_s, 3) if kernel_us else None
+
+
+def profile_once(run: Callable[[], Any], device: torch.device, trace: Path) -> dict[str, Any]:
+    """Run once more under torch.profiler (timed runs stay unprofiled), write its Chrome trace
+    (chrome://tracing, Perfetto) to `trace` through a temporary name, and return the trace's
+    path and the device's busy share."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # no alarming "gpuGetDeviceCount failed" on CPU
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        run()
+        _sync(device)
+        wall = time.perf_counter() - t0
+    trace.parent.mkdir(parents=True, exist_ok=True)
+    tmp = trace.with_name(trace.name + ".tmp")
+    prof.export_chrome_trace(str(tmp))
+    busy = device_busy_share(json.loads(tmp.read_text()), wall)
+    os.replace(tmp, trace)
+    return {"trace": str(trace), "profiled_run_s": round(wall, 4), "device_busy_share": busy}
+
+
 def _param_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def bench_decode(shape: str, batch: int, prompt_len: int, new_tokens: int, compile: bool, variant: str,
-                 device: torch.device, dtype: torch.dtype, fold: bool = True) -> dict[str, Any]:
+                 device: torch.device, dtype: torch.dtype, fold: bool = True, trace: Path | None = None) -> dict[str, Any]:
     from lav2cli.generate import Sampling, generate
 
     _cpu_denormals_off(device)
@@ -119,6 +152,7 @@ def bench_decode(shape: str, batch: int, prompt_len: int, new_tokens: int, compi
     cfg = model.config
     kv_bytes = 2 * cfg.n_layers * batch * cfg.n_kv_heads * cfg.head_dim * (prompt_len + steps / 2) * torch.finfo(dtype).bits // 8
     bw = (_param_bytes(model) + kv_bytes) * (steps - 1) / decode_s
+    profiled = profile_once(lambda: run(new_tokens), device, trace) if trace is not None else {}
     return {
         "bench": "decode", "shape": shape, "variant": variant, "batch": batch, "prompt_len": prompt_len,
         "new_tokens": steps, "compile": compile, "folded_linears": folded, "column_major_weights": moved, "dtype": str(dtype).removeprefix("torch."),
@@ -126,12 +160,12 @@ def bench_decode(shape: str, batch: int, prompt_len: int, new_tokens: int, compi
         "prefill_s": round(prefill, 4), "weight_bytes": _param_bytes(model),
         "bandwidth_gb_s": round(bw / 1e9, 1), "bandwidth_share": round(bw / peak_bw, 3) if peak_bw else None,
         "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if device.type == "cuda" else None,
-        "device": name, "torch": torch.__version__,
+        "device": name, "torch": torch.__version__, **profiled,
     }
 
 
 def bench_train(shape: str, batch: int, seq: int, grad_ckpt: bool, compile: bool, variant: str, lora_rank: int,
-                steps: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+                steps: int, device: torch.device, dtype: torch.dtype, trace: Path | None = None) -> dict[str, Any]:
     _cpu_denormals_off(device)
     model = random_model(shape, variant, lora_rank, device, dtype).train()
     model.llama.grad_checkpointing = grad_ckpt
@@ -167,6 +201,7 @@ def bench_train(shape: str, batch: int, seq: int, grad_ckpt: bool, compile: bool
     _sync(device)
     seconds = time.perf_counter() - t0
     tok_s = batch * seq * steps / seconds
+    profiled = profile_once(lambda: [step() for _ in range(min(steps, 3))], device, trace) if trace is not None else {}
     frozen = sum(p.numel() for n, p in model.named_parameters() if not is_adapter_param(n))
     flops = 4 * frozen * tok_s
     name, peak_flops, _ = device_peaks(device)
@@ -178,5 +213,5 @@ def bench_train(shape: str, batch: int, seq: int, grad_ckpt: bool, compile: bool
         "trainable_params": sum(p.numel() for p in params), "frozen_params": frozen,
         "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if cuda else None,
         "device": name, "torch": torch.__version__,
-        "flops_note": "4 x frozen parameters x tokens (forward + activation gradients)",
+        "flops_note": "4 x frozen parameters x tokens (forward + activation gradients)", **profiled,
     }

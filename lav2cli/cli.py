@@ -485,6 +485,7 @@ def bench_decode(
     fold: bool = typer.Option(True, "--fold/--no-fold", help="Prepare the weights as ask and eval do: fold the adapter's scales (and LoRA), float32 CPU weights column-major."),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto", help="auto: bf16 on CUDA, fp32 on CPU."),
+    trace: Optional[Path] = typer.Option(None, "--trace", help="Profile one more run and write its Chrome trace here (adds device_busy_share on CUDA)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Decoding tokens/s and weight-read bandwidth (warm-up excluded).
@@ -493,6 +494,8 @@ def bench_decode(
 
       lav2 bench decode --shape llama-7b --compile
 
+      lav2 bench decode --shape llama-7b --compile --trace decode-trace.json
+
       lav2 bench decode --shape smollm2-135m --device cpu --new-tokens 50 --json
     """
     from lav2cli import bench
@@ -500,7 +503,7 @@ def bench_decode(
 
     dev = resolve_device(device)
     _bench_print(bench.bench_decode(shape, batch, prompt_len, new_tokens, compile, variant, dev,
-                                    resolve_dtype(dtype, dev), fold=fold), as_json)
+                                    resolve_dtype(dtype, dev), fold=fold, trace=trace), as_json)
 
 
 @bench_app.command("train")
@@ -515,6 +518,7 @@ def bench_train(
     steps: int = typer.Option(10, min=1, help="Timed steps (after 3 warm-up steps)."),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto", help="auto: bf16 frozen weights on CUDA, fp32 on CPU."),
+    trace: Optional[Path] = typer.Option(None, "--trace", help="Profile up to 3 more steps and write their Chrome trace here (adds device_busy_share on CUDA)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Adapter-training tokens/s, model FLOP/s and MFU (4 x frozen params x tokens), peak memory.
@@ -530,7 +534,7 @@ def bench_train(
 
     dev = resolve_device(device)
     _bench_print(bench.bench_train(shape, batch, seq, grad_ckpt, compile, variant, lora_rank, steps, dev,
-                                   resolve_dtype(dtype, dev)), as_json)
+                                   resolve_dtype(dtype, dev), trace=trace), as_json)
 
 
 # --- ask and info -----------------------------------------------------------------------

@@ -104,3 +104,35 @@ def test_help_has_examples():
                 ["eval", "vqa"], ["bench"], ["bench", "decode"]):
         r = lav2(*cmd, "--help")
         assert r.returncode == 0 and "Examples" in r.stdout, cmd
+
+
+def test_bench_reports_what_it_measured_and_writes_a_trace(tmp_path):
+    """`lav2 bench decode|train --json` on the tiny shape: the documented fields, the weights
+    prepared as ask prepares them, and with --trace a Chrome trace of one more run."""
+    trace = tmp_path / "traces" / "decode.json"
+    r = lav2("bench", "decode", "--shape", "tiny", "--device", "cpu", "--new-tokens", "6", "--json",
+             "--trace", str(trace))
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["new_tokens"] == 6 and d["tokens_per_s"] > 0 and d["bandwidth_gb_s"] > 0
+    assert d["folded_linears"] == 2 * 7 and d["column_major_weights"] == 2 * 7 + 1  # 2 layers, and the head
+    assert d["device"] == "cpu" and d["torch"] == __import__("torch").__version__
+    assert d["trace"] == str(trace) and d["device_busy_share"] is None  # no kernels on CPU
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any(e.get("name") == "aten::linear" for e in events)
+    assert [p.name for p in trace.parent.iterdir()] == ["decode.json"]  # no temporary left
+    r = lav2("bench", "train", "--shape", "tiny", "--device", "cpu", "--batch", "2", "--seq", "16",
+             "--steps", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    t = json.loads(r.stdout)
+    assert t["steps"] == 2 and t["tokens_per_s"] > 0 and t["frozen_params"] > t["trainable_params"] > 0
+    assert t["loss"] == t["loss"] and "trace" not in t  # finite, and no profile unless asked
+
+
+def test_device_busy_share_sums_kernel_time_over_wall_time():
+    from lav2cli.bench import device_busy_share
+
+    trace = {"traceEvents": [{"cat": "kernel", "dur": 500}, {"cat": "cpu_op", "dur": 9000},
+                             {"cat": "kernel", "dur": 250}, {"ph": "M"}]}
+    assert device_busy_share(trace, 0.001) == 0.75
+    assert device_busy_share({"traceEvents": [{"cat": "cpu_op", "dur": 10}]}, 1.0) is None
