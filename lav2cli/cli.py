@@ -55,6 +55,7 @@ from pathlib import Path  # noqa: E402
 from typing import Annotated, Literal, Optional  # noqa: E402
 
 from lav2cli.data import prepare as _data  # noqa: E402  (torch-free; PIL and rich load lazily)
+from lav2cli.registry import DEFAULT_MODEL  # noqa: E402
 
 _Out = Annotated[str, typer.Option("--out", "-o", help="FILE.jsonl (FILE.manifest.json beside it), or - for stdout (no manifest).")]
 _Val = Annotated[float, typer.Option("--val-fraction", help="Share of images (text: records) for FILE.val.jsonl, by SHA-256 of image or id.")]
@@ -312,7 +313,7 @@ app.add_typer(eval_app, name="eval")
 from lav2cli import evaluate as _eval  # noqa: E402  (torch-free; the model loads only when needed)
 
 _EData = Annotated[Path, typer.Option("--data", "-d", help="Records (JSON lines from `lav2 prepare`).")]
-_EModel = Annotated[Optional[str], typer.Option("--model", "-m", help="Model reference (as `lav2 ask`; default smollm2-135m-instruct).")]
+_EModel = Annotated[Optional[str], typer.Option("--model", "-m", help=f"Model reference (as `lav2 ask`; default {DEFAULT_MODEL}).")]
 _EBase = Annotated[Optional[str], typer.Option("--base", help="Base LLaMA for an official .pth, or to override an artifact's.")]
 _EClip = Annotated[Optional[str], typer.Option("--clip", help="open_clip encoder NAME[:PRETRAINED] for an official .pth.")]
 _EOut = Annotated[Optional[Path], typer.Option("--out", "-o", help="Predictions FILE.jsonl (resumed when it exists); metrics go to FILE.metrics.json.")]
@@ -538,8 +539,6 @@ def bench_train(
 
 
 # --- ask and info -----------------------------------------------------------------------
-
-from lav2cli.registry import DEFAULT_MODEL  # noqa: E402
 
 
 def _stderr():
