@@ -41,7 +41,7 @@ class Answer:
 
 
 def answer_one(engine: Engine, image_path: str | None, question: str, sampling: Sampling,
-               experts: Experts | None = None, stream: IO[str] | None = None, compile: bool = False,
+               experts: Experts | None = None, stream: IO[str] | None = None,
                show_prompt: Callable[[str], None] | None = None) -> Answer:
     """Answer `question` about the image at `image_path` (None: text only), with the experts'
     text about the image as context; `show_prompt` receives the final prompt. A self-captioning
@@ -72,7 +72,7 @@ def answer_one(engine: Engine, image_path: str | None, question: str, sampling: 
                 stream.write(text)
                 stream.flush()
 
-    out = engine.generate([ids], images=images, sampling=sampling, on_token=on_token, compile=compile)[0]
+    out = engine.generate([ids], images=images, sampling=sampling, on_token=on_token)[0]
     t1 = time.perf_counter()
     if decoder is not None:
         rest = decoder.flush()
@@ -95,7 +95,7 @@ def check_image_arg(image: str, experts: Experts | None = None) -> None:
 
 
 def run(engine: Engine, image: str, question: str, sampling: Sampling, *, as_json: bool, show_prompt: bool,
-        model_name: str, stdin: Iterable[str] = sys.stdin, compile: bool = False, log=None,
+        model_name: str, stdin: Iterable[str] = sys.stdin, log=None,
         experts: Experts | None = None) -> int:
     """Drive `lav2 ask`; returns the exit status (1 when any stdin line failed)."""
     if image == "-":  # lazily: each answer is printed before the next line is read
@@ -110,7 +110,7 @@ def run(engine: Engine, image: str, question: str, sampling: Sampling, *, as_jso
         try:
             streaming = not as_json and image != "-"
             ans = answer_one(engine, p, question, sampling, experts, stream=sys.stdout if streaming else None,
-                             compile=compile, show_prompt=log if show_prompt else None)
+                             show_prompt=log if show_prompt else None)
         except Lav2Error as e:
             if image != "-":
                 raise

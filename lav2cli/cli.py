@@ -323,6 +323,7 @@ _EJson = Annotated[bool, typer.Option("--json", help="Print the metrics as one J
 _EMaxNew = Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, help="Greedy decoding length (default: vqa 30, caption 64, mme 30, text 30).")]
 _EDevice = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 _EDtype = Annotated[str, typer.Option("--dtype", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")]
+_ECompile = Annotated[bool, typer.Option("--compile", help="torch.compile the decode step (batches are padded to a power of two so that few graphs serve them; pays off on GPUs).")]
 _EPred = Annotated[Optional[Path], typer.Option("--predictions", help="Score this predictions file (JSON lines with id and prediction) instead of running a model.")]
 
 from lav2cli.experts import Expert, OcrEngine  # noqa: E402  (stdlib only; the expert models load lazily)
@@ -338,7 +339,7 @@ _OcrEngine = Annotated[OcrEngine, typer.Option("--ocr-engine", help="OCR expert:
 def eval_vqa(
     data: _EData, model: _EModel = None, base: _EBase = None, clip: _EClip = None, out: _EOut = None,
     batch_size: _EBatch = 8, limit: _ELimit = None, as_json: _EJson = False, max_new_tokens: _EMaxNew = None,
-    device: _EDevice = "auto", dtype: _EDtype = "auto", predictions: _EPred = None,
+    device: _EDevice = "auto", dtype: _EDtype = "auto", compile: _ECompile = False, predictions: _EPred = None,
     short_answer: Annotated[bool, typer.Option("--short-answer/--no-short-answer", help='Ask for "a single word or phrase" in the template.')] = True,
     suffix: Annotated[str, typer.Option("--suffix", help="Text appended to every question, e.g. 'Answer with one word.'")] = "",
     expert: _Experts = [], caption_model: _CaptionModel = None, caption_threshold: _CaptionThreshold = 0.2,
@@ -361,7 +362,7 @@ def eval_vqa(
 def eval_caption(
     data: _EData, model: _EModel = None, base: _EBase = None, clip: _EClip = None, out: _EOut = None,
     batch_size: _EBatch = 8, limit: _ELimit = None, as_json: _EJson = False, max_new_tokens: _EMaxNew = None,
-    device: _EDevice = "auto", dtype: _EDtype = "auto", predictions: _EPred = None,
+    device: _EDevice = "auto", dtype: _EDtype = "auto", compile: _ECompile = False, predictions: _EPred = None,
 ) -> None:
     """BLEU-1..4 and CIDEr-D over all reference captions of each image (COCO caption evaluation).
 
@@ -378,7 +379,7 @@ def eval_caption(
 def eval_mme(
     data: _EData, model: _EModel = None, base: _EBase = None, clip: _EClip = None, out: _EOut = None,
     batch_size: _EBatch = 8, limit: _ELimit = None, as_json: _EJson = False, max_new_tokens: _EMaxNew = None,
-    device: _EDevice = "auto", dtype: _EDtype = "auto", predictions: _EPred = None,
+    device: _EDevice = "auto", dtype: _EDtype = "auto", compile: _ECompile = False, predictions: _EPred = None,
     expert: _Experts = [], caption_model: _CaptionModel = None, caption_threshold: _CaptionThreshold = 0.2,
     ocr_engine: _OcrEngine = OcrEngine.rapidocr, self_caption: _SelfCaption = True,
 ) -> None:
@@ -399,7 +400,7 @@ def eval_mme(
 def eval_text(
     data: _EData, model: _EModel = None, base: _EBase = None, clip: _EClip = None, out: _EOut = None,
     batch_size: _EBatch = 8, limit: _ELimit = None, as_json: _EJson = False, max_new_tokens: _EMaxNew = None,
-    device: _EDevice = "auto", dtype: _EDtype = "auto",
+    device: _EDevice = "auto", dtype: _EDtype = "auto", compile: _ECompile = False,
     exact_match: Annotated[Optional[bool], typer.Option("--exact-match/--no-exact-match", help="Also generate and report exact match (default: when every reference is at most 3 words).")] = None,
 ) -> None:
     """Mean loss and perplexity over response tokens (and exact match for short answers).
@@ -593,12 +594,13 @@ def ask(
     ask_mod.check_image_arg(image, experts)
     experts.load()
     engine = _load_engine(model, base, clip, device, dtype, inference=True)
+    engine.compile_decode = compile
     if self_caption and engine.self_captions:
         experts = experts.with_self_caption()
         experts.bind(engine)
     err = _stderr()
     status = ask_mod.run(engine, image, prompt, Sampling(max_new_tokens, temperature, top_p, seed),
-                         as_json=as_json, show_prompt=show_prompt, model_name=model, compile=compile,
+                         as_json=as_json, show_prompt=show_prompt, model_name=model,
                          log=lambda m: err.print(m, markup=False, soft_wrap=True), experts=experts)
     raise typer.Exit(status)
 

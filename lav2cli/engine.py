@@ -214,6 +214,7 @@ class Engine:
     config: EngineConfig
     device: torch.device
     dtype: torch.dtype
+    compile_decode: bool = False  # generate's default: a compiled decode step (`--compile`)
 
     @property
     def template(self) -> Template:
@@ -276,12 +277,14 @@ class Engine:
 
     def generate(self, prompts: list[list[int]], images: torch.Tensor | None = None,
                  image_mask: torch.Tensor | None = None, sampling=None, on_token=None,
-                 compile: bool = False) -> list[list[int]]:
+                 compile: bool | None = None) -> list[list[int]]:
+        """`generate.generate` with this engine's stop and pad ids; `compile` defaults to
+        `compile_decode`, so every pass of a command (a self-caption's too) compiles or none does."""
         from lav2cli.generate import Sampling, generate
 
         return generate(self.model, prompts, stop_ids=self.tokenizer.stop_ids, pad_id=self.tokenizer.pad_id,
                         images=images, image_mask=image_mask, sampling=sampling or Sampling(),
-                        on_token=on_token, compile=compile)
+                        on_token=on_token, compile=self.compile_decode if compile is None else compile)
 
 
 def load(ref: str, *, base: str | None = None, clip: str | None = None,

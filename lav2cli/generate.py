@@ -83,6 +83,19 @@ def _prefill_shared_prefix(model: LlamaAdapterV2, prompts: Sequence[Sequence[int
     return min(pad) + p
 
 
+def _pad_batch(prompts: Sequence[Sequence[int]], images: torch.Tensor | None, image_mask: torch.Tensor | None,
+               size: int) -> tuple[list, torch.Tensor | None, torch.Tensor | None]:
+    """The batch grown to `size` rows by repeating its last row (whose answers are dropped)."""
+    extra = size - len(prompts)
+    if extra <= 0:
+        return list(prompts), images, image_mask
+
+    def grow(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else torch.cat([t, t[-1:].expand(extra, *t.shape[1:])])
+
+    return list(prompts) + [prompts[-1]] * extra, grow(images), grow(image_mask)
+
+
 def decode_step_fn(compile: bool, device: torch.device) -> Callable:
     """The one-token step; compiled once per process when asked (shapes are static)."""
     if not compile:
@@ -113,10 +126,13 @@ def generate(
     is called after each step for every row still running (used for streaming).
     """
     device = model.llama.tok_embeddings.weight.device
+    n_rows = len(prompts)
+    if min(len(p) for p in prompts) == 0:
+        raise ValueError("empty prompt")
+    if compile:  # the step is specialised to the batch size: pad it to a power of two (few graphs)
+        prompts, images, image_mask = _pad_batch(prompts, images, image_mask, 1 << (n_rows - 1).bit_length())
     B = len(prompts)
     lens = [len(p) for p in prompts]
-    if min(lens) == 0:
-        raise ValueError("empty prompt")
     t0 = max(lens)
     total = t0 + sampling.max_new_tokens
     if compile:  # the cache length is part of the compiled graph: bucket it so requests share one
@@ -142,12 +158,12 @@ def generate(
         logits = model(tokens[:, start:], input_pos=torch.arange(start, t0, device=device), pad=pad,
                        prompt_kv=prompt_kv, last_only=True)[:, -1].float()
         step = decode_step_fn(compile, device)
-        out: list[list[int]] = [[] for _ in range(B)]
-        done = [False] * B
+        out: list[list[int]] = [[] for _ in range(n_rows)]  # padding rows are not read
+        done = [False] * n_rows
         for i in range(sampling.max_new_tokens):
             nxt = sample_next(logits, sampling.temperature, sampling.top_p, generator)
             ids = nxt.tolist()
-            for r in range(B):
+            for r in range(n_rows):
                 if done[r]:
                     continue
                 if ids[r] in stop_ids:

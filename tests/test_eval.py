@@ -180,6 +180,21 @@ def test_vqa_end_to_end_and_resume(tmp_path, data, adapters):
     assert "overall" in r.stdout and "accuracy" in r.stdout
 
 
+def test_compiled_eval_predicts_what_eager_predicts(tmp_path, data, adapters):
+    """`eval --compile`: batches of 3 and 2 (run as 4 and 2) give the eager predictions."""
+    from lav2cli import generate as gen
+
+    preds = {}
+    gen._compiled.clear()
+    for flags in ((), ("--compile",)):
+        out = tmp_path / f"vqa{len(flags)}.jsonl"
+        lav2("eval", "vqa", "--data", data["vqa"], "--model", adapters["trained"], "--out", out,
+             "--batch-size", 3, "--max-new-tokens", 6, "--json", *flags)
+        assert ("cpu" in gen._compiled) == bool(flags)  # the eager run compiled nothing
+        preds[flags] = [(row["id"], row["prediction"]) for row in read_lines(out)]
+    assert len(preds[()]) == 5 and any(p for _, p in preds[()]) and preds[("--compile",)] == preds[()]
+
+
 def test_caption_end_to_end_and_predictions_file(tmp_path, data, adapters):
     out = tmp_path / "cap.jsonl"
     r, res = lav2("eval", "caption", "--data", data["caption"], "--model", adapters["fresh"], "--out", out,

@@ -273,6 +273,7 @@ def test_compiled_decoding_equals_eager_and_shares_one_graph():
     from lav2cli import generate as gen
 
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     gen._compiled.clear()
     _, model = adapted("paper", lora=4)
     perturb_adapter(model)
@@ -282,6 +283,31 @@ def test_compiled_decoding_equals_eager_and_shares_one_graph():
         assert generate(model, [prompt], stop_ids=frozenset(), pad_id=0, sampling=s, compile=True) == eager
     counters = torch._dynamo.utils.counters["stats"]
     assert counters["unique_graphs"] == 1, dict(counters)
+
+
+def test_compiled_batches_pad_to_a_power_of_two_and_answer_as_eager():
+    """With compile, 3 rows (images, gates open) run as 4: the answers are the eager ones, and a
+    batch of 4 then reuses that graph."""
+    import torch._dynamo
+
+    from lav2cli import generate as gen
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    gen._compiled.clear()
+    _, model = adapted("paper", lora=4)
+    perturb_adapter(model)
+    open_gates(model)
+    feats = torch.randn(4, 7, ENC_DIM)
+    prompts = [[5, 17, 3, 44, 9], [7, 2, 8], [9, 9, 1, 4]]
+    s = Sampling(max_new_tokens=6, temperature=0)
+    for rows in (3, 4):
+        batch = (prompts + [[3, 1]])[:rows]
+        eager = generate(model, batch, stop_ids=frozenset(), pad_id=0, images=feats[:rows], sampling=s)
+        assert len(eager) == rows
+        assert generate(model, batch, stop_ids=frozenset(), pad_id=0, images=feats[:rows], sampling=s,
+                        compile=True) == eager
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
 def test_sampling_edge_cases_leave_the_global_rng_alone():

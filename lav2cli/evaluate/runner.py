@@ -47,6 +47,7 @@ class EvalOptions:
     max_new_tokens: int | None = None
     device: str = "auto"
     dtype: str = "auto"
+    compile: bool = False  # a compiled decode step
     predictions: Path | None = None
     short_answer: bool = True  # vqa
     suffix: str = ""  # vqa: appended to every question
@@ -373,7 +374,9 @@ def _load(opts: EvalOptions, log):
     from lav2cli.engine import load
 
     with _stderr().status(f"loading {opts.model} ...", spinner="dots"):
-        return load(opts.model, base=opts.base, clip=opts.clip, device=opts.device, dtype=opts.dtype, inference=True)
+        engine = load(opts.model, base=opts.base, clip=opts.clip, device=opts.device, dtype=opts.dtype, inference=True)
+    engine.compile_decode = opts.compile
+    return engine
 
 
 def run(task: str, **kwargs: Any) -> None:
