@@ -95,6 +95,18 @@ def device_busy_share(chrome_trace: dict[str, Any], wall_s: float) -> float | No
     return round(kernel_us / 1e6 / wall_s, 3) if kernel_us else None
 
 
+def check_trace_path(trace: Path | None) -> None:
+    """Fail before the benchmark runs, not after, when the trace cannot be written."""
+    if trace is None:
+        return
+    try:
+        trace.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise Lav2Error(f"--trace {trace}: cannot create its folder ({e.strerror})") from None
+    if trace.is_dir() or not os.access(trace.parent, os.W_OK):
+        raise Lav2Error(f"--trace {trace}: not a writable file path")
+
+
 def profile_once(run: Callable[[], Any], device: torch.device, trace: Path) -> dict[str, Any]:
     """Run once more under torch.profiler (timed runs stay unprofiled), write its Chrome trace
     (chrome://tracing, Perfetto) to `trace` through a temporary name, and return the trace's
@@ -109,7 +121,6 @@ def profile_once(run: Callable[[], Any], device: torch.device, trace: Path) -> d
         run()
         _sync(device)
         wall = time.perf_counter() - t0
-    trace.parent.mkdir(parents=True, exist_ok=True)
     tmp = trace.with_name(trace.name + ".tmp")
     prof.export_chrome_trace(str(tmp))
     busy = device_busy_share(json.loads(tmp.read_text()), wall)
@@ -125,6 +136,7 @@ def bench_decode(shape: str, batch: int, prompt_len: int, new_tokens: int, compi
                  device: torch.device, dtype: torch.dtype, fold: bool = True, trace: Path | None = None) -> dict[str, Any]:
     from lav2cli.generate import Sampling, generate
 
+    check_trace_path(trace)
     _cpu_denormals_off(device)
     model = random_model(shape, variant, 0, device, dtype).eval()
     folded, moved = model.prepare_for_inference() if fold else (0, 0)  # as `ask` and `eval` run it
@@ -166,6 +178,7 @@ def bench_decode(shape: str, batch: int, prompt_len: int, new_tokens: int, compi
 
 def bench_train(shape: str, batch: int, seq: int, grad_ckpt: bool, compile: bool, variant: str, lora_rank: int,
                 steps: int, device: torch.device, dtype: torch.dtype, trace: Path | None = None) -> dict[str, Any]:
+    check_trace_path(trace)
     _cpu_denormals_off(device)
     model = random_model(shape, variant, lora_rank, device, dtype).train()
     model.llama.grad_checkpointing = grad_ckpt
