@@ -177,11 +177,16 @@ def bench_decode(shape: str, batch: int, prompt_len: int, new_tokens: int, compi
 
 
 def bench_train(shape: str, batch: int, seq: int, grad_ckpt: bool, compile: bool, variant: str, lora_rank: int,
-                steps: int, device: torch.device, dtype: torch.dtype, trace: Path | None = None) -> dict[str, Any]:
+                steps: int, device: torch.device, dtype: torch.dtype, trace: Path | None = None,
+                ckpt_blocks: int = 0) -> dict[str, Any]:
+    """`grad_ckpt` checkpoints every block; `ckpt_blocks` > 0 only the first that many."""
     check_trace_path(trace)
+    n_layers = SHAPES[shape].n_layers if shape in SHAPES else 0
+    if ckpt_blocks > n_layers:
+        raise Lav2Error(f"--ckpt-blocks {ckpt_blocks}: the {shape} shape has {n_layers} blocks")
     _cpu_denormals_off(device)
     model = random_model(shape, variant, lora_rank, device, dtype).train()
-    model.llama.grad_checkpointing = grad_ckpt
+    model.llama.checkpoint_blocks = ckpt_blocks or (model.config.n_layers if grad_ckpt else 0)
     if compile:
         for layer in model.llama.layers:
             layer.compile()
@@ -220,7 +225,8 @@ def bench_train(shape: str, batch: int, seq: int, grad_ckpt: bool, compile: bool
     name, peak_flops, _ = device_peaks(device)
     return {
         "bench": "train", "shape": shape, "variant": variant, "lora_rank": lora_rank, "batch": batch, "seq": seq,
-        "grad_ckpt": grad_ckpt, "compile": compile, "steps": steps, "loss": round(float(loss), 4),
+        "grad_ckpt": model.llama.grad_checkpointing, "checkpointed_blocks": model.llama.checkpoint_blocks,
+        "compile": compile, "steps": steps, "loss": round(float(loss), 4),
         "tokens_per_s": round(tok_s, 1), "model_tflop_s": round(flops / 1e12, 1),
         "mfu": round(flops / peak_flops, 3) if peak_flops else None,
         "trainable_params": sum(p.numel() for p in params), "frozen_params": frozen,

@@ -514,6 +514,7 @@ def bench_train(
     batch: int = typer.Option(8, min=1),
     seq: int = typer.Option(512, min=2),
     grad_ckpt: bool = typer.Option(False, "--grad-ckpt/--no-grad-ckpt", help="Activation checkpointing per block."),
+    ckpt_blocks: int = typer.Option(0, "--ckpt-blocks", min=0, help="Checkpoint only the first N blocks (less recompute than --grad-ckpt, more memory)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile each transformer block."),
     variant: str = typer.Option("paper", help="paper, official or none."),
     lora_rank: int = typer.Option(0, min=0),
@@ -529,6 +530,8 @@ def bench_train(
 
       lav2 bench train --shape llama-7b --batch 8 --seq 512 --compile
 
+      lav2 bench train --shape llama-7b --batch 8 --seq 512 --compile --ckpt-blocks 8
+
       lav2 bench train --shape tiny --device cpu --json
     """
     from lav2cli import bench
@@ -536,7 +539,7 @@ def bench_train(
 
     dev = resolve_device(device)
     _bench_print(bench.bench_train(shape, batch, seq, grad_ckpt, compile, variant, lora_rank, steps, dev,
-                                   resolve_dtype(dtype, dev), trace=trace), as_json)
+                                   resolve_dtype(dtype, dev), trace=trace, ckpt_blocks=ckpt_blocks), as_json)
 
 
 # --- ask and info -----------------------------------------------------------------------

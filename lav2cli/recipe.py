@@ -77,6 +77,7 @@ class TrainSection:
     grad_clip: float = 1.0  # 0 = off
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     grad_ckpt: str = "auto"  # auto (on for CUDA) | on | off
+    grad_ckpt_blocks: int = 0  # with grad_ckpt: checkpoint only the first N blocks (less recompute, more memory); 0 = all
     compile: bool = False  # torch.compile each transformer block
     checkpoint_every: int = 100  # steps; 0 = only at the end
     log_every: int = 10
@@ -198,6 +199,8 @@ def validate(r: Recipe) -> None:
         raise Lav2Error(f"train.precision {t.precision!r}: expected auto, bf16 or fp32")
     if t.grad_ckpt not in ("auto", "on", "off"):
         raise Lav2Error(f"train.grad_ckpt {t.grad_ckpt!r}: expected auto, on or off")
+    if t.grad_ckpt_blocks < 0:
+        raise Lav2Error(f"train.grad_ckpt_blocks must be at least 0 (0 = all blocks), got {t.grad_ckpt_blocks}")
     for name, v in (("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum), ("data.max_tokens", d.max_tokens)):
         if v < 1:
             raise Lav2Error(f"{name} must be at least 1, got {v}")

@@ -359,7 +359,11 @@ class Trainer:
         self.model = eng.model.train()
         cuda = self.device.type == "cuda"
         self.bf16 = t.precision == "bf16" or (t.precision == "auto" and cuda)
-        self.model.llama.grad_checkpointing = t.grad_ckpt == "on" or (t.grad_ckpt == "auto" and cuda)
+        n_layers = self.model.config.n_layers
+        if t.grad_ckpt_blocks > n_layers:
+            raise Lav2Error(f"train.grad_ckpt_blocks {t.grad_ckpt_blocks}: the model has {n_layers} blocks")
+        if t.grad_ckpt == "on" or (t.grad_ckpt == "auto" and cuda):
+            self.model.llama.checkpoint_blocks = t.grad_ckpt_blocks or n_layers
         if t.compile:
             for layer in self.model.llama.layers:
                 layer.compile()

@@ -486,3 +486,20 @@ def test_a_stage_can_add_lora_to_an_artifact(setup, tmp_path):
         Trainer(r4, tmp_path / "fourth", resume=False, log=lambda m: None, show_progress=False)
     with pytest.raises(Lav2Error, match="LoRA is added to a lav2 artifact"):
         engine.load(str(setup / "base"), add_lora_rank=4)
+
+
+def test_grad_ckpt_blocks_checkpoints_that_many_blocks_or_is_refused(setup, tmp_path, tiny_llama_config):
+    """train.grad_ckpt = "on" checkpoints every block, with grad_ckpt_blocks = N only the first N;
+    more blocks than the model has is refused in one line; off checkpoints none."""
+    n_layers = tiny_llama_config.n_layers
+    for ckpt, blocks, want in (("on", 0, n_layers), ("on", 1, 1), ("off", 1, 0)):
+        r = load_recipe(ROOT / "recipes/tiny.toml", overrides(setup, train__grad_ckpt=f'"{ckpt}"',
+                                                                train__grad_ckpt_blocks=blocks, train__max_steps=1))
+        (tmp_path / f"{ckpt}{blocks}").mkdir()
+        trainer = Trainer(r, tmp_path / f"{ckpt}{blocks}", resume=False, log=lambda m: None, show_progress=False)
+        assert trainer.model.llama.checkpoint_blocks == want
+    r = load_recipe(ROOT / "recipes/tiny.toml", overrides(setup, train__grad_ckpt='"on"', train__grad_ckpt_blocks=n_layers + 1))
+    with pytest.raises(Lav2Error, match=f"grad_ckpt_blocks {n_layers + 1}: the model has {n_layers} blocks"):
+        Trainer(r, tmp_path / "bad", resume=False, log=lambda m: None, show_progress=False)
+    with pytest.raises(Lav2Error, match="grad_ckpt_blocks must be at least 0"):
+        load_recipe(ROOT / "recipes/tiny.toml", overrides(setup, train__grad_ckpt_blocks=-1))

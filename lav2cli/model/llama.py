@@ -139,8 +139,19 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.grad_checkpointing = False
+        # training: the first N blocks recompute their activations in backward instead of
+        # keeping them (activation checkpointing; N = n_layers: all, 0: none)
+        self.checkpoint_blocks = 0
         self._spare_caches: list[KVCache] | None = None  # see setup_cache
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        return self.checkpoint_blocks > 0
+
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, on: bool) -> None:
+        """On: every block is checkpointed; off: none."""
+        self.checkpoint_blocks = self.config.n_layers if on else 0
 
     def head_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.config.tie_embeddings else self.output.weight
@@ -211,7 +222,7 @@ class Transformer(nn.Module):
             mask = mask[:, None] if mask.dim() == 3 else mask[None, None]
         for i, layer in enumerate(self.layers):
             pkv = prompt_kv[i] if prompt_kv is not None else None
-            if self.grad_checkpointing and self.training:
+            if i < self.checkpoint_blocks and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, input_pos, pkv, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, input_pos, pkv)
