@@ -41,6 +41,9 @@ def _decode_step(model: LlamaAdapterV2, token, input_pos, pad, prompt_kv):
 
 _compiled: dict[str, Callable] = {}
 CACHE_BUCKET = 512
+# steps the host may queue before it reads the tokens: a CUDA device need not wait for the host
+# after every step; on a CPU, host and device are one, and a step run past a stop is time lost
+READ_AHEAD = {"cuda": 8}
 MIN_SHARED_PREFIX = 8  # below this, one more forward pass costs more than it saves
 
 
@@ -160,22 +163,31 @@ def generate(
         step = decode_step_fn(compile, device)
         out: list[list[int]] = [[] for _ in range(n_rows)]  # padding rows are not read
         done = [False] * n_rows
+        # the host reads new tokens (stop checks, streaming) every `read_every` steps; in between
+        # it queues the next steps without waiting for the device (positions stay on the device)
+        read_every = 1 if on_token is not None else READ_AHEAD.get(device.type, 1)
+        unread: list[torch.Tensor] = []
+        pos = torch.full((1,), t0, device=device)
         for i in range(sampling.max_new_tokens):
             nxt = sample_next(logits, sampling.temperature, sampling.top_p, generator)
-            ids = nxt.tolist()
-            for r in range(n_rows):
-                if done[r]:
-                    continue
-                if ids[r] in stop_ids:
-                    done[r] = True
-                    continue
-                out[r].append(ids[r])
-                if on_token is not None:
-                    on_token(r, out[r])
-            if all(done) or i == sampling.max_new_tokens - 1:
+            unread.append(nxt)
+            last = i == sampling.max_new_tokens - 1
+            if len(unread) == read_every or last:
+                for r, ids in enumerate(torch.stack(unread, 1).tolist()[:n_rows]):
+                    for t in ids:
+                        if done[r] or t in stop_ids:
+                            done[r] = True
+                            break
+                        out[r].append(t)
+                        if on_token is not None:
+                            on_token(r, out[r])
+                unread.clear()
+                if all(done):
+                    break
+            if last:
                 break
-            pos = torch.tensor([t0 + i], device=device)
             logits = step(model, nxt[:, None], pos, pad, prompt_kv)
+            pos = pos + 1
         return out
     finally:
         model.clear_cache()

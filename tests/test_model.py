@@ -343,6 +343,31 @@ def test_checkpointing_some_blocks_keeps_gradients_and_keeps_fewer_activations()
         assert all(torch.allclose(grads[n][k], grads[0][k], atol=1e-6) for k in grads[0]), n
 
 
+def test_reading_tokens_every_few_steps_changes_no_answer(monkeypatch):
+    """With READ_AHEAD (CUDA's default: the host queues steps without reading each token), rows
+    that stop at different steps get exactly the answers of reading every step, and at most
+    READ_AHEAD - 1 steps run past the last stop."""
+    from lav2cli import generate as gen
+
+    _, model = adapted("paper", lora=4)
+    perturb_adapter(model)
+    open_gates(model)
+    prompts = [[5, 17, 3, 44, 9], [7, 2, 8], [9, 9, 1, 4]]
+    free = generate(model, prompts, stop_ids=frozenset(), pad_id=0, sampling=Sampling(max_new_tokens=12, temperature=0))
+    stops = frozenset({free[0][3], free[2][6]})
+    s = Sampling(max_new_tokens=12, temperature=0)
+    every_step = generate(model, prompts, stop_ids=stops, pad_id=0, sampling=s)
+    assert len(every_step[0]) == 3 and len({len(a) for a in every_step}) == 3  # three stopping points
+    steps: list[int] = []
+    model.llama.layers[0].register_forward_hook(lambda m, a, o: steps.append(a[0].shape[1]))
+    for k in (4, 5, 16):
+        monkeypatch.setattr(gen, "READ_AHEAD", {"cpu": k})
+        steps.clear()
+        assert generate(model, prompts, stop_ids=stops, pad_id=0, sampling=s) == every_step
+        needed = max(len(a) for a in every_step) + 1  # tokens sampled, stops included
+        assert needed - 1 <= steps.count(1) <= min(needed - 1 + k - 1, 11), (k, steps)
+
+
 def test_sampling_edge_cases_leave_the_global_rng_alone():
     from lav2cli.generate import sample_next
 
