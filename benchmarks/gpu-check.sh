@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 9 in one run (about 10 minutes on one H100): the tests marked `gpu`
+# (7B-shape benchmarks within memory included), then the LLaMA-7B-shape benchmarks: compiled
+# decoding with cudagraph/recompile logs and a profile (device_busy_share: near 1 device-bound,
+# low host-bound), compiled training without, with all, and with 8 checkpointed blocks.
+# Usage, from the repository root: bash benchmarks/gpu-check.sh [OUT_DIR]   (default /tmp/lav2-gpu)
+set -o pipefail
+OUT=${1:-${OUT:-/tmp/lav2-gpu}}
+mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+$PY -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" | tee "$OUT/device.txt"
+timeout 300 $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/gpu-tests.log"
+B="$PY -m lav2cli bench"
+TORCH_LOGS="cudagraphs,recompiles,graph_breaks,perf_hints" timeout 150 $B decode --shape llama-7b --new-tokens 200 \
+    --compile --trace "$OUT/decode-trace.json" --json > "$OUT/decode-compiled.log" 2>&1
+tail -1 "$OUT/decode-compiled.log" | tee -a "$OUT/bench.jsonl"
+grep -i "skipping cudagraphs\|re-record\|recompil" "$OUT/decode-compiled.log" | head -5
+gzip -f "$OUT/decode-trace.json" 2>/dev/null
+for extra in "" "--grad-ckpt" "--ckpt-blocks 8"; do
+    # shellcheck disable=SC2086
+    timeout 150 $B train --shape llama-7b --batch 8 --seq 512 --steps 4 --compile $extra --json 2>&1 | tail -1 | tee -a "$OUT/bench.jsonl"
+done
