@@ -9,6 +9,10 @@ OUT=${1:-${OUT:-/tmp/lav2-gpu}}
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
+if ! $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+    echo "gpu-check: needs a CUDA device (the 7B shape would not fit a CPU run)" >&2
+    exit 1
+fi
 $PY -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" | tee "$OUT/device.txt"
 timeout 300 $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/gpu-tests.log"
 B="$PY -m lav2cli bench"
