@@ -327,7 +327,7 @@ def test_checkpointing_some_blocks_keeps_gradients_and_keeps_fewer_activations()
         model.zero_grad(set_to_none=True)
         storages: dict[int, int] = {}
 
-        def pack(t: torch.Tensor) -> torch.Tensor:
+        def pack(t: torch.Tensor, storages: dict[int, int] = storages) -> torch.Tensor:
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
 
