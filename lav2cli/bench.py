@@ -55,24 +55,45 @@ def random_model(shape: str, variant: str, lora_rank: int, device: torch.device,
     adapter = None if variant == "none" else AdapterConfig(variant=variant, lora_rank=lora_rank, visual=None)
     with torch.device("meta"):
         model = LlamaAdapterV2(cfg, adapter)
+        for name, p in model.named_parameters():
+            if not is_adapter_param(name):
+                p.data = p.data.to(dtype)  # allocated in their final dtype: no float32 copy first
+    needed = _param_bytes(model)
+    free = free_memory(device)
+    if free is not None and needed > free:
+        hint = " (--dtype bfloat16 halves it)" if dtype == torch.float32 else ""
+        raise Lav2Error(f"the {shape} shape in {str(dtype).removeprefix('torch.')} needs {needed / 1e9:.1f} GB for "
+                        f"its weights alone; {device} has {free / 1e9:.1f} GB free{hint}")
     model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            frozen = not is_adapter_param(name)
             if name.endswith(("norm.weight", "scale", "new_gate")):
                 p.fill_(1.0)
-            elif name.endswith(".bias") or name.endswith("_l2.weight"):
+            elif name.endswith((".bias", "_l2.weight")):
                 p.zero_()
             elif name.endswith("gate"):
                 p.fill_(0.1)
             else:
                 p.normal_(0, 0.02, generator=gen)
-            if frozen:
-                p.data = p.data.to(dtype)
     model.llama.extend_rope(cfg.max_seq_len)
     model.freeze_base()
     return model
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on the device (CUDA) or available to a new allocation (CPU, Linux's
+    MemAvailable); None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _cpu_denormals_off(device: torch.device) -> None:

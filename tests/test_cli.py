@@ -138,3 +138,20 @@ def test_device_busy_share_sums_kernel_time_over_wall_time():
                              {"cat": "kernel", "dur": 250}, {"ph": "M"}]}
     assert device_busy_share(trace, 0.001) == 0.75
     assert device_busy_share({"traceEvents": [{"cat": "cpu_op", "dur": 10}]}, 1.0) is None
+
+
+def test_bench_refuses_a_shape_whose_weights_do_not_fit_and_allocates_in_the_final_dtype(monkeypatch):
+    import torch
+
+    from lav2cli import bench
+    from lav2cli.errors import Lav2Error
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(bench, "free_memory", lambda device: 10_000_000)
+    with pytest.raises(Lav2Error, match=r"the llama-7b shape in float32 needs 27\.0 GB .* 0\.0 GB free \(--dtype bfloat16 halves it\)"):
+        bench.random_model("llama-7b", "paper", 0, cpu, torch.float32)
+    monkeypatch.setattr(bench, "free_memory", lambda device: None)  # unknown: try
+    model = bench.random_model("tiny", "paper", 4, cpu, torch.bfloat16)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert dtypes["llama.layers.0.attention.wq.weight"] == torch.bfloat16
+    assert dtypes["llama.layers.0.attention.wq.bias"] == torch.float32 == dtypes["llama.layers.0.attention.lora_wq_l1.weight"]
