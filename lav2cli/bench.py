@@ -51,6 +51,8 @@ def random_model(shape: str, variant: str, lora_rank: int, device: torch.device,
     """Random weights in the shape, frozen base in `dtype`, adapter in float32, gates open."""
     if shape not in SHAPES:
         raise Lav2Error(f"unknown shape {shape!r} (expected one of {', '.join(SHAPES)})")
+    if variant not in ("paper", "official", "none"):
+        raise Lav2Error(f"unknown variant {variant!r} (expected paper, official or none)")
     cfg = SHAPES[shape]
     adapter = None if variant == "none" else AdapterConfig(variant=variant, lora_rank=lora_rank, visual=None)
     with torch.device("meta"):

@@ -123,6 +123,8 @@ def test_bench_reports_what_it_measured_and_writes_a_trace(tmp_path):
     assert [p.name for p in trace.parent.iterdir()] == ["decode.json"]  # no temporary left
     r = lav2("bench", "decode", "--shape", "tiny", "--device", "cpu", "--trace", str(tmp_path))
     assert_one_line_error(r, "--trace", "not a writable file path")  # said before the benchmark runs
+    r = lav2("bench", "decode", "--shape", "tiny", "--device", "cpu", "--variant", "weird")
+    assert_one_line_error(r, "unknown variant 'weird'")
     r = lav2("bench", "train", "--shape", "tiny", "--device", "cpu", "--batch", "2", "--seq", "16",
              "--steps", "2", "--json")
     assert r.returncode == 0, r.stderr
