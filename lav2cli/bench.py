@@ -47,13 +47,17 @@ def device_peaks(device: torch.device) -> tuple[str, float | None, float | None]
     return name, None, None
 
 
-def random_model(shape: str, variant: str, lora_rank: int, device: torch.device, dtype: torch.dtype) -> LlamaAdapterV2:
-    """Random weights in the shape, frozen base in `dtype`, adapter in float32, gates open."""
+def shape_config(shape: str) -> LlamaConfig:
     if shape not in SHAPES:
         raise Lav2Error(f"unknown shape {shape!r} (expected one of {', '.join(SHAPES)})")
+    return SHAPES[shape]
+
+
+def random_model(shape: str, variant: str, lora_rank: int, device: torch.device, dtype: torch.dtype) -> LlamaAdapterV2:
+    """Random weights in the shape, frozen base in `dtype`, adapter in float32, gates open."""
+    cfg = shape_config(shape)
     if variant not in ("paper", "official", "none"):
         raise Lav2Error(f"unknown variant {variant!r} (expected paper, official or none)")
-    cfg = SHAPES[shape]
     adapter = None if variant == "none" else AdapterConfig(variant=variant, lora_rank=lora_rank, visual=None)
     with torch.device("meta"):
         model = LlamaAdapterV2(cfg, adapter)
@@ -204,7 +208,7 @@ def bench_train(shape: str, batch: int, seq: int, grad_ckpt: bool, compile: bool
                 ckpt_blocks: int = 0) -> dict[str, Any]:
     """`grad_ckpt` checkpoints every block; `ckpt_blocks` > 0 only the first that many."""
     check_trace_path(trace)
-    n_layers = SHAPES[shape].n_layers if shape in SHAPES else 0
+    n_layers = shape_config(shape).n_layers
     if ckpt_blocks > n_layers:
         raise Lav2Error(f"--ckpt-blocks {ckpt_blocks}: the {shape} shape has {n_layers} blocks")
     _cpu_denormals_off(device)
@@ -222,7 +226,7 @@ def bench_train(shape: str, batch: int, seq: int, grad_ckpt: bool, compile: bool
 
     def step() -> float:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and dtype == torch.bfloat16):
-            prompts = model.prompts(None, None, batch=batch)
+            prompts = model.prompts(None, None)
             h = model.llama.hidden(tokens, prompt_kv=prompts)
             logits = F.linear(h[:, :-1].reshape(-1, h.shape[-1]), model.llama.head_weight())
         loss = F.cross_entropy(logits.float(), tokens[:, 1:].reshape(-1))

@@ -58,11 +58,13 @@ def shared_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
     return max(n, 0)
 
 
-def _prefill_shared_prefix(model: LlamaAdapterV2, prompts: Sequence[Sequence[int]], pad: list[int]) -> int:
+def _prefill_shared_prefix(model: LlamaAdapterV2, prompts: Sequence[Sequence[int]], pad: list[int],
+                           prompt_kv: list | None) -> int:
     """Text-only rows that share a prefix (a template's system turn, an instruction) get its K/V
     computed once, in a batch of one, and copied into each row's slots: every row's prefix sits at
     positions 0..P-1 whatever its left padding, so the K/V (RoPE included) are the same. Call with
-    the batch's cache set up. Returns the first cache slot the batched prefill still computes."""
+    the batch's cache set up and its text-only `prompt_kv` (batch-independent). Returns the first
+    cache slot the batched prefill still computes."""
     p = shared_prefix_len(prompts)
     if len(prompts) < 2 or p < MIN_SHARED_PREFIX:
         return 0
@@ -72,8 +74,7 @@ def _prefill_shared_prefix(model: LlamaAdapterV2, prompts: Sequence[Sequence[int
     model.setup_cache(1, p)
     try:
         model(torch.tensor([list(prompts[0][:p])], device=device), input_pos=torch.arange(p, device=device),
-              pad=torch.zeros(1, dtype=torch.long, device=device), prompt_kv=model.prompt_kv(None, None, batch=1),
-              last_only=True)
+              pad=torch.zeros(1, dtype=torch.long, device=device), prompt_kv=prompt_kv, last_only=True)
         for layer, cache in zip(layers, batch_caches):
             one = layer.attention.kv_cache
             for r, n in enumerate(pad):
@@ -155,9 +156,9 @@ def generate(
 
     model.setup_cache(B, total)
     try:
-        prompt_kv = model.prompt_kv(images, image_mask, batch=B)
+        prompt_kv = model.prompt_kv(images, image_mask)
         # with images, each row's prompts (and so its prefix K/V) differ
-        start = _prefill_shared_prefix(model, prompts, pads) if images is None else 0
+        start = _prefill_shared_prefix(model, prompts, pads, prompt_kv) if images is None else 0
         logits = model(tokens[:, start:], input_pos=torch.arange(start, t0, device=device), pad=pad,
                        prompt_kv=prompt_kv, last_only=True)[:, -1].float()
         step = decode_step_fn(compile, device)

@@ -20,6 +20,17 @@ def visual(n_queries: int = 10) -> VisualConfig:
     return VisualConfig(encoder_dim=ENC_DIM, width=32, depth=2, heads=4, n_queries=n_queries)
 
 
+def fresh_compile_state() -> None:
+    """No compiled step, graph or counter left from an earlier test."""
+    import torch._dynamo
+
+    from lav2cli import generate as gen
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    gen._compiled.clear()
+
+
 def adapted(variant: str, lora: int = 0, seed: int = 0, **kw) -> tuple[LlamaAdapterV2, LlamaAdapterV2]:
     """(base, adapted) sharing the base weights."""
     torch.manual_seed(seed)
@@ -186,11 +197,12 @@ def test_a_shared_prefix_is_computed_once_and_changes_no_token(variant):
     pad = [t0 - len(p) for p in prompts]
     tokens = torch.tensor([[0] * n + p for n, p in zip(pad, prompts)])
     logits = []
+    prompt_kv = model.prompt_kv(None, None)
     for share in (True, False):
         model.setup_cache(len(prompts), t0 + 1)
-        start = _prefill_shared_prefix(model, prompts, pad) if share else 0
+        start = _prefill_shared_prefix(model, prompts, pad, prompt_kv) if share else 0
         logits.append(model(tokens[:, start:], input_pos=torch.arange(start, t0), pad=torch.tensor(pad),
-                            prompt_kv=model.prompt_kv(None, None, batch=len(prompts)), last_only=True))
+                            prompt_kv=prompt_kv, last_only=True))
         model.clear_cache()
     assert torch.allclose(*logits, atol=1e-5), (logits[0] - logits[1]).abs().max()
 
@@ -268,13 +280,7 @@ def test_only_adapter_parameters_get_gradients():
 def test_compiled_decoding_equals_eager_and_shares_one_graph():
     """The compiled decode step gives the eager tokens, and requests of other lengths reuse it
     (the cache length is bucketed) instead of compiling again."""
-    import torch._dynamo
-
-    from lav2cli import generate as gen
-
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    gen._compiled.clear()
+    fresh_compile_state()
     _, model = adapted("paper", lora=4)
     perturb_adapter(model)
     s = Sampling(max_new_tokens=6, temperature=0)
@@ -288,13 +294,7 @@ def test_compiled_decoding_equals_eager_and_shares_one_graph():
 def test_compiled_batches_pad_to_a_power_of_two_and_answer_as_eager():
     """With compile, 3 rows (images, gates open) run as 4: the answers are the eager ones, and a
     batch of 4 then reuses that graph."""
-    import torch._dynamo
-
-    from lav2cli import generate as gen
-
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    gen._compiled.clear()
+    fresh_compile_state()
     _, model = adapted("paper", lora=4)
     perturb_adapter(model)
     open_gates(model)

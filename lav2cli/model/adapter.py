@@ -331,23 +331,25 @@ class LlamaAdapterV2(nn.Module):
         w.copy_((w64 / s).to(w.dtype))
         self.feature_norm = (mean, inv_std)
 
-    def _zero_images(self, batch: int) -> torch.Tensor:
+    def _zero_image(self) -> torch.Tensor:
+        """One all-zero image [1, 3, H, W]: what every text-only row of an imported official
+        checkpoint sees (one suffices: its prompts broadcast over the batch)."""
         size = int(getattr(self.clip, "image_size", 224))
         ref = self.clip_proj.weight
-        return torch.zeros(batch, 3, size, size, device=ref.device, dtype=ref.dtype)
+        return torch.zeros(1, 3, size, size, device=ref.device, dtype=ref.dtype)
 
     # -- prompts ----------------------------------------------------------------------------
 
-    def prompts(self, images: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
-                batch: int = 1) -> list | None:
+    def prompts(self, images: torch.Tensor | None = None, image_mask: torch.Tensor | None = None) -> list | None:
         """Per-layer adaption prompts [B, K, dim] (None for layers without prompts): the static
-        prompt of each layer, plus the visual tokens in the fusion layers."""
+        prompt of each layer, plus the visual tokens in the fusion layers. Without images they
+        are [1, K, dim] and broadcast over any batch."""
         a = self.adapter
         if a is None or a.prompt_layers == 0:  # no adapter, or a bias/scale/norm-only one
             return None
         n, L, K = self.config.n_layers, a.prompt_layers, a.prompt_len
         if images is None and a.text_only_zero_image and self.has_visual and getattr(self, "clip", None) is not None:
-            images = self._zero_images(batch)
+            images = self._zero_image()
         vis = self.visual_tokens(images, image_mask) if images is not None and self.has_visual else None
         queries = self.adapter_query.weight.view(L, K, -1)
         out: list = [None] * (n - L)
@@ -358,10 +360,9 @@ class LlamaAdapterV2(nn.Module):
             out.append(p)  # a static prompt stays [1, K, dim]: its K/V are computed once, then broadcast
         return out
 
-    def prompt_kv(self, images: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
-                  batch: int = 1) -> list | None:
+    def prompt_kv(self, images: torch.Tensor | None = None, image_mask: torch.Tensor | None = None) -> list | None:
         """Per-layer prompt keys and values, computed once per request for generation."""
-        ps = self.prompts(images, image_mask, batch)
+        ps = self.prompts(images, image_mask)
         if ps is None:
             return None
         return [None if p is None else layer.attention.prompt_kv(p) for p, layer in zip(ps, self.llama.layers)]
@@ -376,7 +377,7 @@ class LlamaAdapterV2(nn.Module):
         `prompt_kv()`) to reuse prompt K/V across decoding steps; otherwise the prompts come
         from `images` here and each layer projects its own (inside its forward, as FSDP needs)."""
         if prompt_kv is None:
-            prompt_kv = self.prompts(images, image_mask, batch=tokens.shape[0])
+            prompt_kv = self.prompts(images, image_mask)
         return self.llama(tokens, input_pos, pad, prompt_kv, last_only)
 
     def response_nll(self, tokens: torch.Tensor, labels: torch.Tensor, images: torch.Tensor | None = None,
@@ -386,7 +387,7 @@ class LlamaAdapterV2(nn.Module):
         [B, T, vocab] logits never exist (training and `eval text` share this)."""
         from lav2cli.templates import IGNORE_INDEX
 
-        h = self.llama.hidden(tokens, prompt_kv=self.prompts(images, image_mask, batch=tokens.shape[0]))
+        h = self.llama.hidden(tokens, prompt_kv=self.prompts(images, image_mask))
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         logits = F.linear(h[:, :-1][keep], self.llama.head_weight())
