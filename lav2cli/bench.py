@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lav2cli.errors import Lav2Error
-from lav2cli.model.adapter import LlamaAdapterV2, is_adapter_param
+from lav2cli.model.adapter import LlamaAdapterV2, initial_value, is_adapter_param, param_role
 from lav2cli.model.config import AdapterConfig, LlamaConfig
 
 SHAPES: dict[str, LlamaConfig] = {
@@ -73,13 +73,12 @@ def random_model(shape: str, variant: str, lora_rank: int, device: torch.device,
     model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
+        modules = dict(model.named_modules())
         for name, p in model.named_parameters():
-            if name.endswith(("norm.weight", "scale", "new_gate")):
-                p.fill_(1.0)
-            elif name.endswith((".bias", "_l2.weight")):
-                p.zero_()
-            elif name.endswith("gate"):
-                p.fill_(0.1)
+            if param_role(name) == "gate":
+                p.fill_(0.1)  # open, so that the prompt path does its real work
+            elif is_adapter_param(name):
+                p.copy_(initial_value(name, modules[name.rpartition(".")[0]], p.shape))
             else:
                 p.normal_(0, 0.02, generator=gen)
     model.llama.extend_rope(cfg.max_seq_len)

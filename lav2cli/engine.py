@@ -12,7 +12,6 @@ accounted for (a missing base tensor, a file tensor with no place, a shape misma
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,9 +22,8 @@ from torch import nn
 
 from lav2cli.errors import Lav2Error
 from lav2cli.formats import BaseWeights
-from lav2cli.model.adapter import LlamaAdapterV2, is_adapter_param
+from lav2cli.model.adapter import LlamaAdapterV2, initial_value, is_adapter_param
 from lav2cli.model.config import AdapterConfig, LlamaConfig
-from lav2cli.model.llama import RMSNorm
 from lav2cli.model.vision import ImagePreprocess, build_encoder, parse_clip_arg
 from lav2cli.templates import Template, get_template
 from lav2cli.tokenizer import Tokenizer
@@ -126,25 +124,6 @@ def _check_base_matches(meta: dict, cfg: LlamaConfig, where: Path, base_ref: str
 # -- assembly ---------------------------------------------------------------------------------
 
 
-def _fresh_(name: str, module: nn.Module, pname: str, shape: torch.Size) -> torch.Tensor:
-    """The initial value of an adapter tensor the files did not provide: identity-preserving for
-    everything inside the LLaMA (gates 0, bias 0, scale 1, LoRA l2 0), torch defaults elsewhere."""
-    t = torch.empty(shape, dtype=torch.float32)
-    if isinstance(module, (RMSNorm, nn.LayerNorm)):
-        return t.fill_(1.0) if pname == "weight" else t.zero_()
-    if pname in ("new_gate", "scale"):
-        return t.fill_(1.0)
-    if pname == "gate" or name.endswith("_l2.weight") or (name.startswith("llama.") and pname == "bias"):
-        return t.zero_()
-    if isinstance(module, nn.Embedding):
-        return nn.init.normal_(t)
-    if pname == "weight":
-        return nn.init.kaiming_uniform_(t, a=math.sqrt(5))
-    if pname == "bias":  # nn.Linear's default bias init
-        return nn.init.uniform_(t, -1 / math.sqrt(module.weight.shape[1]), 1 / math.sqrt(module.weight.shape[1]))
-    raise AssertionError(f"no initial value rule for {name}")
-
-
 _BASE_BIAS = re.compile(r"^layers\.\d+\.(?:attention|feed_forward)\.(w[qkvo123])\.bias$")
 
 
@@ -195,7 +174,7 @@ def assemble(cfg: LlamaConfig, adapter: AdapterConfig | None, base: BaseWeights,
         for pname, p in list(module.named_parameters(recurse=False)):
             if p.is_meta:
                 full = f"{mname}.{pname}" if mname else pname
-                module._parameters[pname] = nn.Parameter(_fresh_(full, module, pname, p.shape))
+                module._parameters[pname] = nn.Parameter(initial_value(full, module, p.shape))
     model.llama.extend_rope(cfg.max_seq_len)  # non-persistent buffers were created on meta
     if adapter is not None and adapter.visual is not None:
         model.clip = encoder.to(dtype=dtype) if encoder is not None else None

@@ -7,25 +7,21 @@ from pathlib import Path
 from typing import Any
 
 from lav2cli.engine import Engine
-from lav2cli.model.adapter import is_adapter_param
+from lav2cli.model.adapter import param_role
+
+
+_ROLE_GROUPS = {"visual": "adapter: visual branch", "prompt": "adapter: prompts", "lora": "adapter: LoRA",
+                "prompt_lora": "adapter: LoRA", "gate": "adapter: gates", "new_gate": "adapter: gates",
+                "bias": "adapter: bias and scale", "scale": "adapter: bias and scale", "norm": "adapter: norms"}
 
 
 def _group(name: str, has_adapter: bool = True) -> str:
-    if name.startswith("clip."):
+    role = param_role(name)
+    if role == "encoder":
         return "image encoder (frozen)"
-    if not has_adapter or not is_adapter_param(name):
+    if not has_adapter or role == "base":
         return "base LLaMA (frozen)"
-    if name.startswith(("clip_proj", "visual_")):
-        return "adapter: visual branch"
-    if name.startswith("adapter_query"):
-        return "adapter: prompts"
-    if ".lora_" in name:
-        return "adapter: LoRA"
-    if name.endswith("gate"):
-        return "adapter: gates"
-    if name.endswith(".bias") or name.endswith(".scale"):
-        return "adapter: bias and scale"
-    return "adapter: norms"
+    return _ROLE_GROUPS[role]
 
 
 def describe(engine: Engine) -> dict[str, Any]:

@@ -26,7 +26,6 @@ the unmerged model on a few probe prompts (and an image, when there is a visual 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -35,25 +34,18 @@ import torch
 
 from lav2cli import __version__
 from lav2cli.errors import Lav2Error
+from lav2cli.model.adapter import FOLDED_ROLES, param_role
+from lav2cli.model.config import LINEAR_MODULES
 
 FORMATS = ("lav2", "hf", "meta")
 FOLDED = "llama.safetensors"  # the lav2 layout's folded base (Meta names)
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
-LINEARS = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
-           "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward"}
 PROBES = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
     "What is the capital of France?",
     "1 2 3 4 5 6 7 8 9 10",
 )
-# adapter tensors that fold into the plain weights (everything else of the adapter stays outside)
-_FOLDS = re.compile(
-    r"^llama\.(norm\.weight|layers\.\d+\.((attention|feed_forward)\.(w[qkvo123]\.(bias|scale)|(prompt_)?lora_\w+\.weight)"
-    r"|attention_norm\.weight|ffn_norm\.weight))$"
-)
-
-
 @dataclass
 class MergeResult:
     out: str
@@ -87,7 +79,7 @@ def fold(model) -> tuple[dict[str, torch.Tensor], list[str]]:
     for i, layer in enumerate(llama.layers):
         sd[f"layers.{i}.attention_norm.weight"] = layer.attention_norm.weight.detach().float()
         sd[f"layers.{i}.ffn_norm.weight"] = layer.ffn_norm.weight.detach().float()
-        for name, mod in LINEARS.items():
+        for name, mod in LINEAR_MODULES.items():
             parent = getattr(layer, mod)
             lin = getattr(parent, name)
             delta = parent.lora_delta(name)
@@ -123,7 +115,7 @@ def sidecar(model) -> tuple[Any, dict[str, torch.Tensor], list[str]]:
     if not _prompts_active(model):
         return None, {}, []
     n, L = model.config.n_layers, a.prompt_layers
-    tensors = {k: v.float() for k, v in model.adapter_state_dict().items() if not _FOLDS.match(k)}
+    tensors = {k: v.float() for k, v in model.adapter_state_dict().items() if param_role(k) not in FOLDED_ROLES}
     # the prompt path used wk/wv without LoRA: keep -diag(s) B (and any earlier prompt-only pair)
     ranks = []
     for i in range(n - L, n):

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import random
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -36,7 +35,7 @@ from lav2cli.data.dataset import Batch, Stream, collate, load_examples
 from lav2cli.engine import Engine, load, resolve_device
 from lav2cli.errors import Lav2Error
 from lav2cli.formats import artifact
-from lav2cli.model.adapter import LlamaAdapterV2, is_adapter_param
+from lav2cli.model.adapter import LlamaAdapterV2, is_adapter_param, param_role
 from lav2cli.model.config import AdapterConfig
 from lav2cli.model.vision import load_image
 from lav2cli.recipe import Recipe, load_recipe
@@ -48,7 +47,6 @@ STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.jsonl"
 RECIPE_FILE = "recipe.toml"
 
-_GATE = re.compile(r"^llama\.layers\.(\d+)\.attention\.(gate|new_gate)$")
 
 
 # -- parameter groups --------------------------------------------------------------------------
@@ -57,16 +55,16 @@ _GATE = re.compile(r"^llama\.layers\.(\d+)\.attention\.(gate|new_gate)$")
 def group_of(name: str, a: AdapterConfig, n_layers: int) -> str:
     """Which group trains adapter tensor `name`. `adapter_query.weight` of the paper variant is
     split by rows (see prompt_rows); this returns the group of its late rows."""
-    if is_visual_branch(name):
+    role = param_role(name)
+    if role == "visual":
         return IMAGE_TEXT
-    if name == "adapter_query.weight":
+    if role == "prompt":
         return IMAGE_TEXT if a.variant == "official" else INSTRUCTION
-    m = _GATE.match(name)
-    if m:
+    if role in ("gate", "new_gate"):
         if a.variant == "official":  # the release's pretraining trains every gate
             return IMAGE_TEXT
-        first = n_layers - a.prompt_layers
-        return IMAGE_TEXT if m[2] == "gate" and first <= int(m[1]) < first + a.fusion_layers else INSTRUCTION
+        first, layer = n_layers - a.prompt_layers, int(name.split(".")[2])
+        return IMAGE_TEXT if role == "gate" and first <= layer < first + a.fusion_layers else INSTRUCTION
     return INSTRUCTION  # norms, bias, scale, LoRA
 
 
@@ -132,13 +130,8 @@ def make_optimizer(params: dict[str, torch.nn.Parameter], lr: float, weight_deca
 
 def lr_kind(name: str) -> str:
     """Which lr multiplier a trainable tensor takes: visual, lora or adjust (1)."""
-    if is_visual_branch(name):
-        return "visual"
-    return "lora" if ".lora_" in name else "adjust"
-
-
-def is_visual_branch(name: str) -> bool:
-    return name.startswith(("clip_proj", "visual_"))
+    role = param_role(name)
+    return role if role in ("visual", "lora") else "adjust"
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:

@@ -15,18 +15,12 @@ from typing import Callable
 import torch
 
 from lav2cli.errors import Lav2Error
-from lav2cli.model.config import LlamaConfig
+from lav2cli.model.config import LINEAR_MODULES, LlamaConfig
 
+# The dim Meta's model-parallel shards split each linear's weight on
+SPLIT_DIMS = {"wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w2": 1, "w3": 0}
 # Linear layers: Meta name -> (Meta module path, split dim for Meta model-parallel shards)
-LINEARS = {
-    "wq": ("attention", 0),
-    "wk": ("attention", 0),
-    "wv": ("attention", 0),
-    "wo": ("attention", 1),
-    "w1": ("feed_forward", 0),
-    "w2": ("feed_forward", 1),
-    "w3": ("feed_forward", 0),
-}
+LINEARS = {name: (module, SPLIT_DIMS[name]) for name, module in LINEAR_MODULES.items()}
 
 IGNORABLE = re.compile(r"^(rope\.freqs|.*rotary_emb\.inv_freq)$")
 

@@ -8,11 +8,13 @@
   and the visual branch (`clip` encoder, `clip_proj`, `visual_query`, `visual_blocks`,
   `visual_proj`), tensor names exactly those of the released checkpoints.
 
-`is_adapter_param(name)` is the one predicate that decides what is trainable and saved.
+`param_role(name)` is the one rule that decides what each tensor is: trainable and saved or
+frozen, its training group, whether merge folds it, its initial value.
 """
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -20,18 +22,62 @@ import torch.nn.functional as F
 from torch import nn
 
 from lav2cli.model.config import AdapterConfig, LlamaConfig
-from lav2cli.model.llama import Attention, Block, FeedForward, Transformer
+from lav2cli.model.llama import Attention, Block, FeedForward, RMSNorm, Transformer
 from lav2cli.model.vision import ViTBlock
 
-# frozen: the encoder, embeddings, output head and the base linear weights; all else trains
-_FROZEN = re.compile(
-    r"^(clip\.|llama\.(tok_embeddings|output)\.|llama\.layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])\.weight$)"
-)
+# Every parameter name has exactly one role. The role decides whether a tensor trains and is
+# saved (everything but "encoder" and "base"), which training group and learning-rate multiplier
+# it takes, whether `lav2 merge` folds it into plain weights, and its initial value.
+_ROLE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple((role, re.compile(p)) for role, p in (
+    ("encoder", r"^clip\."),
+    ("base", r"^llama\.(tok_embeddings|output)\.weight$"
+             r"|^llama\.layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])\.weight$"),
+    ("norm", r"^llama\.(norm|layers\.\d+\.(attention_norm|ffn_norm))\.weight$"),
+    ("bias", r"^llama\.layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])\.bias$"),
+    ("scale", r"^llama\.layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])\.scale$"),
+    ("lora", r"^llama\.layers\.\d+\.(attention\.lora_w[qkvo]|feed_forward\.lora_w[123])_l[12]\.weight$"),
+    ("prompt_lora", r"^llama\.layers\.\d+\.attention\.prompt_lora_w[kv]_l[12]\.weight$"),
+    ("gate", r"^llama\.layers\.\d+\.attention\.gate$"),
+    ("new_gate", r"^llama\.layers\.\d+\.attention\.new_gate$"),
+    ("prompt", r"^adapter_query\."),
+    ("visual", r"^(clip_proj|clip_proj_norm|visual_query|visual_blocks\.\d+\.[\w.]+|visual_proj|visual_proj_norm)\.(weight|bias)$"),
+))
+ROLES = tuple(role for role, _ in _ROLE_PATTERNS)
+FROZEN_ROLES = frozenset({"encoder", "base"})
+FOLDED_ROLES = frozenset({"norm", "bias", "scale", "lora", "prompt_lora"})  # `lav2 merge` folds these
+
+
+def param_role(name: str) -> str:
+    """The role of parameter `name` (one of ROLES); ValueError for a name no role claims."""
+    for role, pattern in _ROLE_PATTERNS:
+        if pattern.match(name):
+            return role
+    raise ValueError(f"parameter {name} has no role")
 
 
 def is_adapter_param(name: str) -> bool:
     """True for the tensors LLaMA-Adapter V2 trains and an adapter file holds."""
-    return _FROZEN.match(name) is None
+    return param_role(name) not in FROZEN_ROLES
+
+
+def initial_value(name: str, module: nn.Module, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """The float32 starting value of adapter tensor `name` (owned by `module`) when no file gives
+    one: everything inside the LLaMA preserves the base model's function (gates 0, bias 0,
+    scale and new_gate 1, norms 1, LoRA's second factor 0); the rest takes torch's defaults."""
+    role, pname = param_role(name), name.rsplit(".", 1)[-1]
+    t = torch.empty(shape, dtype=torch.float32)
+    if role in ("scale", "new_gate") or (isinstance(module, (RMSNorm, nn.LayerNorm)) and pname == "weight"):
+        return t.fill_(1.0)
+    if role in ("gate", "bias") or name.endswith("_l2.weight") or isinstance(module, (RMSNorm, nn.LayerNorm)):
+        return t.zero_()
+    if isinstance(module, nn.Embedding):
+        return nn.init.normal_(t)
+    if pname == "weight":
+        return nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+    if pname == "bias":  # nn.Linear's default bias
+        bound = 1 / math.sqrt(module.weight.shape[1])
+        return nn.init.uniform_(t, -bound, bound)
+    raise AssertionError(f"no initial value rule for {name}")
 
 
 class AdaptedLinear(nn.Module):

@@ -7,6 +7,10 @@ from typing import Any, Literal
 
 Variant = Literal["paper", "official"]
 
+# The seven linear layers of a block (Meta names) and the submodule of the block that owns each.
+LINEAR_MODULES = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
+                  "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward"}
+
 
 @dataclass
 class LlamaConfig:
