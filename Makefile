@@ -24,6 +24,7 @@ demo: $(STAMP)
 	@$(BIN)/lav2 ask none "What is the capital of France?" --temperature 0 --max-new-tokens 40
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 test-gpu: $(STAMP)
