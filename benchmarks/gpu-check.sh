@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 9 in one run (about 10 minutes on one H100): the tests marked `gpu`
+# The GPU checks in one run (the 7B targets of benchmarks/README.md): the tests marked `gpu`
 # (7B-shape benchmarks within memory included), then the LLaMA-7B-shape benchmarks: compiled
 # decoding with cudagraph/recompile logs and a profile (device_busy_share: near 1 device-bound,
 # low host-bound), compiled training without, with all, and with 8 checkpointed blocks.

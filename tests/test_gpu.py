@@ -98,10 +98,10 @@ def _big_gpu() -> bool:
     ("decode", {"compile": False}, 16.0),  # 13.5 GB of bf16 weights, a small cache
     ("decode", {"compile": True}, 16.0),
     ("train", {"grad_ckpt": False}, 78.0),  # it must fit the device
-    ("train", {"grad_ckpt": True}, 30.0),  # issue 9: under 30 GB with checkpointing
+    ("train", {"grad_ckpt": True}, 30.0),  # the 7B target in benchmarks/README.md: under 30 GB with checkpointing
 ])
 def test_llama_7b_shape_benchmarks_run_within_memory(bench_kind, options, limit_gb):
-    """The benchmarks of issue 9 run at the 7B shape in bf16 without running out of memory, and
+    """The 7B benchmarks of benchmarks/README.md run at the 7B shape in bf16 without running out of memory, and
     report a finite loss and a peak below the limit (throughput is measured by `lav2 bench`, not
     asserted)."""
     from lav2cli import bench

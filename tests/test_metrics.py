@@ -1,5 +1,5 @@
 """lav2cli.evaluate.metrics against hand-computed cases: every expected number below is worked
-out from the protocol (eval-protocols.md and the COCO tools' arithmetic), not from the code."""
+out from the protocol (docs/evaluation.md and the COCO tools' arithmetic), not from the code."""
 
 from __future__ import annotations
 
