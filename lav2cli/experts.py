@@ -28,6 +28,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any, Callable
 
 from lav2cli.errors import Lav2Error
+from lav2cli.templates import CAPTION_INSTRUCTION, labelled
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -46,8 +47,6 @@ class OcrEngine(str, Enum):
 EXPERTS_EXTRA = "pip install 'lav2cli[experts]'"
 CLASSIFIER = "efficientnet_lite0"
 SELF = "the model itself"  # the caption expert's source when the model captions for itself
-# how each expert's text is introduced in the prompt
-LABELS = {"caption": "Image caption", "ocr": "Text in the image"}
 
 
 @dataclass(frozen=True)
@@ -100,12 +99,6 @@ class ExpertOutput:
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "source": self.source, "text": self.text, "seconds": round(self.seconds, 4)}
-
-
-def labelled(name: str, text: str) -> str:
-    """Expert `name`'s text as a prompt paragraph: "Image caption: a red circle"."""
-    sep = "\n" if "\n" in text.strip() else " "  # OCR lines stay lines
-    return f"{LABELS[name]}:{sep}{text.strip()}"
 
 
 def context(outputs: list[ExpertOutput]) -> str:
@@ -180,8 +173,6 @@ class ModelCaptioner:
     """A lav2 artifact answering the captioning instruction of its training data, greedily."""
 
     def __init__(self, engine, max_new_tokens: int = 64):
-        from lav2cli.data.prepare import CAPTION_INSTRUCTION
-
         self.engine, self.instruction, self.max_new_tokens = engine, CAPTION_INSTRUCTION, max_new_tokens
 
     @classmethod

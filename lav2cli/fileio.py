@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator, Sequence
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -38,7 +38,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | Path, overwrite: bool = True, keep_others: bool = False) -> Iterator[Path]:
+def atomic_dir(final: str | Path, keep_others: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `final`; on success it replaces `final` in one rename
     (an existing `final` is moved aside first and removed after). On failure it is removed.
     keep_others: entries of the old `final` that the new one does not write are carried over
@@ -59,8 +59,6 @@ def atomic_dir(final: str | Path, overwrite: bool = True, keep_others: bool = Fa
                 else:
                     _link_or_copy(entry, dest)
         if final.exists():
-            if not overwrite:
-                raise FileExistsError(final)
             old = final.parent / f".{final.name}.old-{os.getpid()}"
             os.replace(final, old)
             os.replace(tmp, final)
@@ -87,17 +85,34 @@ def _normal_modes(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(final: str | Path, mode: str = "w") -> Iterator:
+def atomic_file(final: str | Path, mode: str = "w", encoding: str | None = None) -> Iterator[IO]:
     """Open a temporary file beside `final`; rename it over `final` when the block succeeds."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    with atomic_files([final], mode, encoding) as (f,):
+        yield f
+
+
+@contextlib.contextmanager
+def atomic_files(finals: Sequence[str | Path], mode: str = "w", encoding: str | None = None) -> Iterator[list[IO]]:
+    """atomic_file for several files that belong together: each is written to a temporary file
+    beside it, and only when the block succeeds are they renamed over `finals`, in the order given
+    (the last one named, a manifest say, appears last). On failure no temporary file is left."""
+    pending: list[tuple[str, Path]] = []  # (temporary file, final name) not yet renamed
     try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-        os.chmod(tmp, file_mode())  # mkstemp's files are private; use the usual mode
-        os.replace(tmp, final)
+        with contextlib.ExitStack() as files:
+            handles = []
+            for final in map(Path, finals):
+                final.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+                pending.append((tmp, final))
+                handles.append(files.enter_context(os.fdopen(fd, mode, encoding=encoding)))
+            yield handles
+        while pending:
+            tmp, final = pending[0]
+            os.chmod(tmp, file_mode())  # mkstemp's files are private; use the usual mode
+            os.replace(tmp, final)
+            pending.pop(0)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        for tmp, _ in pending:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise

@@ -1,8 +1,10 @@
-"""Prompt templates and label masking.
+"""Prompt templates, label masking, and the other prompt text lav2 writes.
 
-`alpaca` is the official LLaMA-Adapter template, text exact (spec section 4); `chatml` is
-the chat format of SmolLM2 and other ChatML models. Expert context and record `input` go into
-the Input section (alpaca) or a context paragraph before the question (chatml).
+`alpaca` is the official LLaMA-Adapter template, text exact; `chatml` is the chat format of
+SmolLM2 and other ChatML models. Expert context and record `input` go into the Input section
+(alpaca) or a context paragraph before the question (chatml). The captioning instruction and the
+experts' labels live here too: `lav2 prepare` writes them into training data and the experts
+put them in prompts, so both must read the same text.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ ALPACA_PREAMBLE_INPUT = (
 SHORT_ANSWER_SUFFIX = " using a single word or phrase."
 
 CHATML_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+# the instruction of caption records, and what a captioning model is asked
+CAPTION_INSTRUCTION = "Generate caption of this image"
+# how each expert's text is introduced in a prompt's context
+EXPERT_LABELS = {"caption": "Image caption", "ocr": "Text in the image"}
 
 
 @dataclass(frozen=True)
@@ -92,3 +99,9 @@ def get_template(name: str) -> Template:
     if name not in TEMPLATES:
         raise Lav2Error(f"unknown template {name!r} (expected one of {', '.join(TEMPLATES)})")
     return Template(name)
+
+
+def labelled(name: str, text: str) -> str:
+    """Expert `name`'s text as a prompt paragraph: "Image caption: a red circle"."""
+    sep = "\n" if "\n" in text.strip() else " "  # OCR lines stay lines
+    return f"{EXPERT_LABELS[name]}:{sep}{text.strip()}"

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lav2cli.data.prepare import EASYVQA_COLOURS, EASYVQA_SHAPES, prepare
+from lav2cli.data.prepare import prepare
+from lav2cli.data.prepare.easyvqa import EASYVQA_COLOURS, EASYVQA_SHAPES
 from lav2cli.registry import resolve_named
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,10 @@ from PIL import Image
 
 from lav2cli import __version__
 from lav2cli import experts as X
-from lav2cli.data import prepare as P
+from lav2cli.data.prepare import easyvqa as E
+from lav2cli.data.prepare import prepare
+from lav2cli.data.prepare.images import find_bad_images
+from lav2cli.data.prepare.pipeline import in_val
 from lav2cli.data.records import Record, image_ref, read_records
 from lav2cli.errors import Lav2Error
 
@@ -54,7 +57,7 @@ def lines(path):
 
 
 def run(source, out, **kw):
-    return P.prepare(source, out, quiet=True, **kw)
+    return prepare(source, out, quiet=True, **kw)
 
 
 def rec(id, image, instruction, output, kind, source, input="", **extra):
@@ -151,7 +154,7 @@ def test_truncated_png_caught_even_if_pil_is_lenient(tmp_path, monkeypatch):
     path = str(make_truncated_png(tmp_path / "t.png"))
     ok = str(make_image(tmp_path / "ok.png"))
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
-    bad = P.find_bad_images([path, ok, path], workers=2)
+    bad = find_bad_images([path, ok, path], workers=2)
     assert list(bad) == [path] and bad[path][0] == "unreadable image"
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored
 
@@ -345,7 +348,7 @@ def test_mme_both_layouts(tmp_path):
 
 
 def test_easyvqa_caption_derivation():
-    att = P.easyvqa_attributes
+    att = E.easyvqa_attributes
     assert att("what is the blue shape?", "rectangle") == {"blue", "rectangle"}
     assert att("what color is the shape?", "teal") == {"teal"}
     assert att("is there a red shape?", "yes") == {"red"}
@@ -353,10 +356,10 @@ def test_easyvqa_caption_derivation():
     assert att("is there not a circle in the image?", "no") == {"circle"}
     assert att("is no gray shape present?", "yes") == set()
     assert att("does the image not contain a triangle?", "no") == {"triangle"}
-    assert P.easyvqa_caption({"red", "circle"}) == "a red circle"
-    assert P.easyvqa_caption({"red"}) == "a red shape"
-    assert P.easyvqa_caption({"circle"}) == "a circle"
-    assert P.easyvqa_caption(set()) is None
+    assert E.easyvqa_caption({"red", "circle"}) == "a red circle"
+    assert E.easyvqa_caption({"red"}) == "a red shape"
+    assert E.easyvqa_caption({"circle"}) == "a circle"
+    assert E.easyvqa_caption(set()) is None
 
 
 def test_easyvqa_package(tmp_path):
@@ -387,7 +390,7 @@ def test_easyvqa_package(tmp_path):
 
 
 def test_easyvqa_twin_swaps_the_named_attribute_and_flips_the_answer():
-    twin = P.easyvqa_twin
+    twin = E.easyvqa_twin
     pick = random.Random(0)
     shown = {"blue", "circle"}
     assert twin("is there a red shape?", "no", shown, pick) == ("is there a blue shape?", "yes")
@@ -407,17 +410,17 @@ def test_easyvqa_yes_no_twins_are_true_to_their_image_and_balance_the_answers(tm
     shown: dict[int, set[str]] = {}
     for r in recs:
         if r["instruction"].startswith("what"):
-            shown.setdefault(r["image_id"], set()).update(P.easyvqa_attributes(r["instruction"], r["output"]))
+            shown.setdefault(r["image_id"], set()).update(E.easyvqa_attributes(r["instruction"], r["output"]))
     twins = [r for r in recs if r["id"].endswith("-twin")]
     assert len(twins) > 2000 and all(recs[recs.index(t) - 1]["id"] == t["twin_of"] for t in twins[:50])
     yes_no = [r for r in recs if r["output"] in ("yes", "no")]
     checked = 0
     for r in yes_no:  # a yes/no answer affirms the attribute it names iff the image shows it
-        named = [w for w in re.findall(r"[a-z]+", r["instruction"]) if w in P.EASYVQA_COLOURS + P.EASYVQA_SHAPES]
-        vocabulary = P.EASYVQA_COLOURS if named[0] in P.EASYVQA_COLOURS else P.EASYVQA_SHAPES
+        named = [w for w in re.findall(r"[a-z]+", r["instruction"]) if w in E.EASYVQA_COLOURS + E.EASYVQA_SHAPES]
+        vocabulary = E.EASYVQA_COLOURS if named[0] in E.EASYVQA_COLOURS else E.EASYVQA_SHAPES
         own = shown.get(r["image_id"], set()) & set(vocabulary)
         if len(named) == 1 and len(own) == 1:
-            assert P.easyvqa_attributes(r["instruction"], r["output"]) == own & {named[0]}, r
+            assert E.easyvqa_attributes(r["instruction"], r["output"]) == own & {named[0]}, r
             checked += 1
     assert checked > 0.85 * len(yes_no)  # images whose colour and shape a "what" question gives
     yes = sum(r["output"] == "yes" for r in yes_no)
@@ -459,7 +462,7 @@ def test_val_fraction_is_deterministic_and_keeps_images_together(tmp_path):
     assert len(train) + len(val) == 120 and 0 < len(val) < 120
     assert m["outputs"]["records"]["records"] == len(train) and m["outputs"]["val"]["records"] == len(val)
     assert {r["image"] for r in train}.isdisjoint({r["image"] for r in val})
-    assert all(P.in_val(r["image"].split("/")[-1], 0.3) for r in val)
+    assert all(in_val(r["image"].split("/")[-1], 0.3) for r in val)
     again = run("coco", tmp_path / "o2" / "cap.jsonl", annotations=ann, images=root, val_fraction=0.3)
     assert lines(tmp_path / "o2" / "cap.val.jsonl") == val and again["outputs"] == m["outputs"]
 

@@ -20,7 +20,8 @@ Core fields (always present, in this order when written):
 
 Any other keys are task fields, kept in :attr:`Record.extra` and written after the core fields:
 ``split`` (the source's own split name, where it has one), MME's ``subtask``, ``pair`` (shared by
-the two questions about one image) and ``category`` (``perception`` or ``cognition``).
+the two questions about one image) and ``category`` (``perception`` or ``cognition``: the subtask's
+group, :data:`MME_PERCEPTION` or :data:`MME_COGNITION`).
 
 This module imports nothing heavy (no torch, no PIL) so that any command can use it.
 """
@@ -36,6 +37,10 @@ from lav2cli.errors import Lav2Error
 
 KINDS = ("caption", "instruction", "vqa")
 CORE_FIELDS = ("id", "image", "instruction", "input", "output", "kind", "source")
+# MME's subtasks (the ``subtask`` field) by ``category``, in the benchmark's order
+MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
+                  "artwork", "OCR")
+MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 
 
 @dataclass

@@ -37,6 +37,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Hashable, Iterable, Mapping, Sequence
 
+from lav2cli.data.records import MME_COGNITION, MME_PERCEPTION
+
 __all__ = [
     "normalize_answer", "vqa_accuracy", "answer_type",
     "ptb_tokenize", "ngrams", "bleu", "cider_d", "CIDER_SIGMA",
@@ -324,11 +326,6 @@ def _checked_keys(candidates: Mapping, references: Mapping) -> list:
 
 
 # -- MME -------------------------------------------------------------------------------------
-
-MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
-                  "artwork", "OCR")
-MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
-
 
 def parse_yes_no(response: str) -> str:
     """"yes", "no" or "other", as the official MME scorer reads a response.
