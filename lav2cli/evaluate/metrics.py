@@ -1,7 +1,7 @@
 """Benchmark metrics in pure Python (no torch, no numpy): VQA accuracy, COCO BLEU / CIDEr-D, MME.
 
 Everything here follows the benchmarks' own scoring code as stated in
-``shared/reference/eval-protocols.md``; it was written from those facts, not copied.
+docs/evaluation.md; it was written from those facts, not copied.
 
 VQA
     :func:`normalize_answer` (lower case, punctuation, articles, number words, contractions) and
