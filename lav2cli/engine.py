@@ -289,6 +289,7 @@ def load(ref: str, *, base: str | None = None, clip: str | None = None,
     adapter_cfg: AdapterConfig | None = None
     adapter_sd = None
     preprocess: ImagePreprocess | None = None
+    channel_order = "rgb"
     meta: dict[str, Any] = {}
     files: list[Path] = []
     strict = True
@@ -325,7 +326,7 @@ def load(ref: str, *, base: str | None = None, clip: str | None = None,
         base_ref = str(Path(base).expanduser().resolve()) if Path(base).expanduser().exists() else base
         bw = load_base_ref(base)
         enc_spec = enc_spec or parse_clip_arg(official.DEFAULT_CLIP)
-        preprocess = ImagePreprocess.for_encoder(enc_spec, channel_order="bgr")
+        channel_order = "bgr"
         template = "alpaca"
         files = [path]
     else:
@@ -349,7 +350,7 @@ def load(ref: str, *, base: str | None = None, clip: str | None = None,
         if encoder.out_dim != adapter_cfg.visual.encoder_dim:
             raise Lav2Error(f"image encoder {enc_spec.get('name')} gives {encoder.out_dim}-wide tokens, "
                             f"the adapter's clip_proj expects {adapter_cfg.visual.encoder_dim}")
-        preprocess = preprocess or ImagePreprocess.for_encoder(enc_spec)
+        preprocess = preprocess or ImagePreprocess.for_encoder(encoder, channel_order)
 
     model = assemble(bw.config, adapter_cfg, bw, adapter_sd, files[-1] if adapter_sd is not None else None,
                      encoder, dev, dt, strict_adapter=strict)

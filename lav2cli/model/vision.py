@@ -10,7 +10,8 @@ spec is a small dict kept in lav2.json:
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from lav2cli.errors import Lav2Error
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # -- the visual branch's transformer block (timm-compatible names) ----------------------------
@@ -54,7 +50,7 @@ class _Mlp(nn.Module):
 
 
 class ViTBlock(nn.Module):
-    """Pre-LN ViT block: names norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2 (spec 2.3)."""
+    """Pre-LN ViT block: names norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0):
         super().__init__()
@@ -68,6 +64,79 @@ class ViTBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+# -- preprocessing ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """How a PIL image becomes the encoder's input; recorded in lav2.json. An encoder says what it
+    expects (`preprocess_config()`); the channel order belongs to the checkpoint, not the encoder."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    channel_order: str = "rgb"  # "bgr": channels flipped before normalising (official checkpoints)
+    interpolation: str = "bicubic"  # "bicubic" | "bilinear" | "nearest"
+    resize_mode: str = "shortest"  # "shortest": short side resized, then a centre crop; "squash": both sides
+    crop_pct: float = 1.0  # resized to size / crop_pct before the centre crop (timm's eval crop)
+
+    def __post_init__(self) -> None:
+        checks = (
+            (self.channel_order in ("rgb", "bgr"), f"channel order {self.channel_order!r} (expected rgb or bgr)"),
+            (self.interpolation in ("bicubic", "bilinear", "nearest"),
+             f"interpolation {self.interpolation!r} (expected bicubic, bilinear or nearest)"),
+            (self.resize_mode in ("shortest", "squash"), f"resize mode {self.resize_mode!r} (expected shortest or squash)"),
+            (0 < self.crop_pct <= 1, f"crop fraction {self.crop_pct} (expected 0 < crop_pct <= 1)"),
+        )
+        for ok, what in checks:
+            if not ok:
+                raise Lav2Error(f"image preprocessing: unsupported {what}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"size": self.size, "mean": list(self.mean), "std": list(self.std), "channel_order": self.channel_order}
+        # the later fields only where they differ from their default: the preprocessing every
+        # earlier artifact used keeps its lav2.json entry and its training feature cache key
+        for f in fields(self):
+            if f.name not in d and getattr(self, f.name) != f.default:
+                d[f.name] = getattr(self, f.name)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ImagePreprocess":
+        later = {k: d[k] for k in ("channel_order", "interpolation", "resize_mode", "crop_pct") if k in d}
+        return cls(size=int(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]), **later)
+
+    @classmethod
+    def for_encoder(cls, encoder: nn.Module, channel_order: str = "rgb") -> "ImagePreprocess":
+        """The preprocessing a built encoder (OpenClipEncoder, TimmEncoder) expects."""
+        return replace(encoder.preprocess_config(), channel_order=channel_order)
+
+    def transform(self):
+        """A callable PIL.Image -> float tensor [3, size, size]."""
+        from torchvision import transforms as T
+
+        scaled = math.floor(self.size / self.crop_pct)
+        steps = [
+            T.Lambda(lambda im: im.convert("RGB")),
+            T.Resize(scaled if self.resize_mode == "shortest" else (scaled, scaled),
+                     interpolation=T.InterpolationMode(self.interpolation)),
+            T.CenterCrop(self.size),
+            T.ToTensor(),
+        ]
+        if self.channel_order == "bgr":
+            steps.append(T.Lambda(lambda t: t.flip(0)))
+        steps.append(T.Normalize(self.mean, self.std))
+        return T.Compose(steps)
+
+
+def _square(size: Any, what: str) -> int:
+    """An encoder's input size (an int, or (H, W) with H == W) as one int."""
+    h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+    if h != w:
+        raise Lav2Error(f"{what}: {h} x {w} input images; lav2 feeds square ones only")
+    return int(h)
+
+
 # -- encoders --------------------------------------------------------------------------------
 
 
@@ -77,6 +146,7 @@ class OpenClipEncoder(nn.Module):
     def __init__(self, name: str, pretrained: str | None):
         super().__init__()
         import open_clip
+        from open_clip.transformer import VisionTransformer
 
         if name not in open_clip.list_models():
             raise Lav2Error(f"unknown open_clip model '{name}' (see open_clip.list_models())")
@@ -89,25 +159,38 @@ class OpenClipEncoder(nn.Module):
             # "-quickgelu", so follow the tag (a weights file: name the -quickgelu model yourself)
             if not Path(pretrained).is_file() and open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu"):
                 kwargs["force_quick_gelu"] = True
-        self.quick_gelu = name.endswith("-quickgelu") or bool(kwargs.get("force_quick_gelu"))
         try:
             model = open_clip.create_model(name, **kwargs)
         except Exception as e:  # offline hub look-ups and bad files end up here
             raise Lav2Error(f"could not load open_clip '{name}:{pretrained}': {str(e).splitlines()[0]}") from e
+        if not isinstance(model.visual, VisionTransformer):
+            raise Lav2Error(f"open_clip model '{name}': its image tower is a {type(model.visual).__name__}; "
+                            "lav2 reads the tokens of open_clip's own ViTs only")
         self.visual = model.visual
-        self.image_size = int(self.visual.image_size[0] if isinstance(self.visual.image_size, tuple) else self.visual.image_size)
-        proj = getattr(self.visual, "proj", None)
+        self.image_size = _square(self.visual.image_size, f"open_clip model '{name}'")
+        proj = self.visual.proj
         self.out_dim = proj.shape[1] if proj is not None else self.visual.transformer.width
+        cfg = open_clip.get_model_preprocess_cfg(model)  # the pretrained tag's, over the model's defaults
+        self._preprocess = ImagePreprocess(
+            size=_square(cfg["size"], f"open_clip model '{name}'"), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+            # as open_clip's own eval transform: bicubic unless bilinear ("random" is for training)
+            interpolation="bilinear" if cfg.get("interpolation") == "bilinear" else "bicubic",
+            resize_mode=cfg.get("resize_mode", "shortest"),
+        )
         self.requires_grad_(False).eval()
+
+    def preprocess_config(self) -> ImagePreprocess:
+        """The preprocessing this encoder's weights were trained with (RGB channel order)."""
+        return self._preprocess
 
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         v = self.visual
-        x = v.transformer(v._embeds(pixels.to(v.conv1.weight.dtype)))
-        x = v.ln_post(x)  # all tokens, not only the pooled one
-        if v.proj is not None:
-            x = x @ v.proj
-        return x
+        # the last block's output with ln_post on every token (the pooled path keeps only one)
+        out = v.forward_intermediates(pixels.to(v.conv1.weight.dtype), indices=1, normalize_intermediates=True,
+                                      intermediates_only=True, output_fmt="NLC", output_extra_tokens=True)
+        x = torch.cat([out["image_intermediates_prefix"][-1], out["image_intermediates"][-1]], dim=1)
+        return x @ v.proj if v.proj is not None else x
 
     def train(self, mode: bool = True) -> "OpenClipEncoder":
         return super().train(False)  # frozen: never in training mode
@@ -148,7 +231,8 @@ class TimmEncoder(nn.Module):
                 n = len(blocks) if blocks is not None else 0
                 raise Lav2Error(f"timm model '{name}': no stage {stage} (stages need an EfficientNet-style net; "
                                 f"this one has {n})")
-        self.image_size = int(self.net.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+        self._preprocess = self._data_config(name)
+        self.image_size = self._preprocess.size
         self.requires_grad_(False).eval()
         self.pool = 1
         self.out_dim = self.net.num_features
@@ -159,6 +243,23 @@ class TimmEncoder(nn.Module):
             self.out_dim, self.pool = fmap.shape[1], max(1, fmap.shape[-1] // last.shape[-1])
         # part of the training feature cache's key: a change here must not reuse old features
         self.token_layout = {"stage": stage, "pool": self.pool, "dim": self.out_dim}
+
+    def _data_config(self, name: str) -> ImagePreprocess:
+        from timm.data import resolve_model_data_config
+
+        cfg = resolve_model_data_config(self.net)
+        crop_mode = cfg.get("crop_mode", "center")
+        if crop_mode not in ("center", "squash"):
+            raise Lav2Error(f"timm model '{name}': unsupported crop mode {crop_mode!r} (expected center or squash)")
+        return ImagePreprocess(
+            size=_square(cfg["input_size"], f"timm model '{name}'"), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+            interpolation=cfg.get("interpolation", "bicubic"),
+            resize_mode="shortest" if crop_mode == "center" else "squash", crop_pct=float(cfg.get("crop_pct", 1.0)),
+        )
+
+    def preprocess_config(self) -> ImagePreprocess:
+        """The preprocessing of timm's pretrained configuration for this net (RGB channel order)."""
+        return self._preprocess
 
     def _load(self, path: Path) -> None:
         if not path.is_file():
@@ -211,47 +312,6 @@ def parse_clip_arg(text: str) -> dict[str, Any]:
     if not name:
         raise Lav2Error(f"--clip {text!r}: expected NAME[:PRETRAINED], e.g. ViT-L-14:openai")
     return {"kind": "open_clip", "name": name, "pretrained": pretrained or None}
-
-
-# -- preprocessing ---------------------------------------------------------------------------
-
-
-@dataclass
-class ImagePreprocess:
-    """How a PIL image becomes the encoder's input; recorded in lav2.json."""
-
-    size: int = 224
-    mean: tuple[float, float, float] = CLIP_MEAN
-    std: tuple[float, float, float] = CLIP_STD
-    channel_order: str = "rgb"  # "bgr": channels flipped before normalising (official checkpoints)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"size": self.size, "mean": list(self.mean), "std": list(self.std), "channel_order": self.channel_order}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ImagePreprocess":
-        return cls(int(d["size"]), tuple(d["mean"]), tuple(d["std"]), d.get("channel_order", "rgb"))
-
-    @classmethod
-    def for_encoder(cls, spec: dict[str, Any], channel_order: str = "rgb") -> "ImagePreprocess":
-        if spec.get("kind") == "timm":
-            return cls(224, IMAGENET_MEAN, IMAGENET_STD, channel_order)
-        return cls(224, CLIP_MEAN, CLIP_STD, channel_order)
-
-    def transform(self):
-        """A callable PIL.Image -> float tensor [3, size, size]."""
-        from torchvision import transforms as T
-
-        steps = [
-            T.Lambda(lambda im: im.convert("RGB")),
-            T.Resize(self.size, interpolation=T.InterpolationMode.BICUBIC),
-            T.CenterCrop(self.size),
-            T.ToTensor(),
-        ]
-        if self.channel_order == "bgr":
-            steps.append(T.Lambda(lambda t: t.flip(0)))
-        steps.append(T.Normalize(self.mean, self.std))
-        return T.Compose(steps)
 
 
 def load_image(path: str | Path):
