@@ -51,18 +51,22 @@ def old_transform(size: int, mean, std, bgr: bool = False):
 # -- preprocessing from the encoder's configuration ---------------------------------------------
 
 
-def test_timm_efficientnet_lite0_preprocessing_is_timms_eval_transform(image):
+def test_timm_efficientnet_lite0_preprocessing_is_timms_eval_transform_without_its_crop(image):
     from timm.data import create_transform, resolve_model_data_config
 
     enc = TimmEncoder("efficientnet_lite0", None)
     pre = ImagePreprocess.for_encoder(enc)
-    assert pre == ImagePreprocess(224, IMAGENET_MEAN, IMAGENET_STD, "rgb", "bicubic", "shortest", 0.875)
+    # size, mean/std and interpolation from timm's configuration; the whole image (no eval crop)
+    assert pre == ImagePreprocess(224, IMAGENET_MEAN, IMAGENET_STD, "rgb", "bicubic", "shortest", 1.0)
     assert enc.image_size == 224
     ours = pre.transform()(image)
-    theirs = create_transform(**resolve_model_data_config(enc.net))(image)
+    theirs = create_transform(**{**resolve_model_data_config(enc.net), "crop_pct": 1.0})(image)
     assert ours.shape == (3, 224, 224)
     torch.testing.assert_close(ours, theirs)
-    assert pre.to_dict()["crop_pct"] == 0.875 and ImagePreprocess.from_dict(pre.to_dict()) == pre
+    torch.testing.assert_close(ours, old_transform(224, IMAGENET_MEAN, IMAGENET_STD)(image))
+    assert "crop_pct" not in pre.to_dict() and ImagePreprocess.from_dict(pre.to_dict()) == pre
+    cropped = ImagePreprocess(224, IMAGENET_MEAN, IMAGENET_STD, crop_pct=0.875)
+    assert cropped.to_dict()["crop_pct"] == 0.875 and ImagePreprocess.from_dict(cropped.to_dict()) == cropped
 
 
 def test_open_clip_vit_b32_preprocessing_is_open_clips_eval_transform(vit_b32, image):

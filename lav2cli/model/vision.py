@@ -254,7 +254,9 @@ class TimmEncoder(nn.Module):
         return ImagePreprocess(
             size=_square(cfg["input_size"], f"timm model '{name}'"), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
             interpolation=cfg.get("interpolation", "bicubic"),
-            resize_mode="shortest" if crop_mode == "center" else "squash", crop_pct=float(cfg.get("crop_pct", 1.0)),
+            # the whole image, not timm's eval crop: the visual tokens (and the caption expert)
+            # must see objects near the border, as the released pipeline's CLIP crop does
+            resize_mode="shortest" if crop_mode == "center" else "squash", crop_pct=1.0,
         )
 
     def preprocess_config(self) -> ImagePreprocess:
