@@ -866,7 +866,7 @@ def distill(job: Job, model: str, prompts: str | None = None, max_new_tokens: in
     Trained alongside new data, they keep what the model already says (its language ability).
     Answers cut off at ``max_new_tokens`` are not kept: a record must end where the model ends."""
     from lav2cli import engine as engine_mod
-    from lav2cli.generate import Sampling
+    from lav2cli.inference.generate import Sampling
 
     prompts = os.fspath(prompts or DISTILL_PROMPTS)
     items = list(_distill_prompts(job, prompts))
