@@ -12,7 +12,7 @@ from typing import IO, Callable, Iterable
 from lav2cli.engine import Engine
 from lav2cli.errors import Lav2Error
 from lav2cli.experts import ExpertOutput, Experts, context
-from lav2cli.generate import Sampling
+from lav2cli.inference.generate import Sampling
 from lav2cli.model.vision import load_image
 from lav2cli.tokenizer import StreamDecoder
 

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lav2cli.errors import Lav2Error
+from lav2cli.inference.fold import prepare_for_inference
+from lav2cli.inference.generate import Sampling, generate
 from lav2cli.model.adapter import LlamaAdapterV2, initial_value, is_adapter_param, param_role
 from lav2cli.model.config import AdapterConfig, LlamaConfig
 
@@ -160,12 +162,10 @@ def _param_bytes(model: nn.Module) -> int:
 
 def bench_decode(shape: str, batch: int, prompt_len: int, new_tokens: int, compile: bool, variant: str,
                  device: torch.device, dtype: torch.dtype, fold: bool = True, trace: Path | None = None) -> dict[str, Any]:
-    from lav2cli.generate import Sampling, generate
-
     check_trace_path(trace)
     _cpu_denormals_off(device)
     model = random_model(shape, variant, 0, device, dtype).eval()
-    folded, moved = model.prepare_for_inference() if fold else (0, 0)  # as `ask` and `eval` run it
+    folded, moved = prepare_for_inference(model) if fold else (0, 0)  # as `ask` and `eval` run it
     vocab = model.config.vocab_size
     prompts = torch.randint(3, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(0)).tolist()
     run = lambda n: generate(model, prompts, stop_ids=frozenset(), pad_id=0,  # noqa: E731

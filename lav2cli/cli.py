@@ -591,7 +591,7 @@ def ask(
     """
     from lav2cli import ask as ask_mod
     from lav2cli.experts import ExpertOptions, Experts
-    from lav2cli.generate import Sampling
+    from lav2cli.inference.generate import Sampling
 
     experts = Experts(ExpertOptions.make(expert, caption_model, caption_threshold, ocr_engine, device, dtype))
     ask_mod.check_image_arg(image, experts)

@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from lav2cli.errors import Lav2Error
-from lav2cli.formats import BaseWeights
+from lav2cli.formats import BaseWeights, artifact
+from lav2cli.inference.fold import gates_open, prepare_for_inference
+from lav2cli.inference.generate import Sampling, generate
 from lav2cli.model.adapter import LlamaAdapterV2, initial_value, is_adapter_param
 from lav2cli.model.config import AdapterConfig, LlamaConfig
 from lav2cli.model.vision import ImagePreprocess, build_encoder, parse_clip_arg
@@ -209,11 +211,7 @@ class Engine:
     def can_see(self) -> bool:
         """True when a visual branch exists and its gates are open (trained)."""
         m = self.model
-        if not m.has_visual or getattr(m, "clip", None) is None:
-            return False
-        n, a = m.config.n_layers, m.adapter
-        layers = range(n - a.prompt_layers, n - a.prompt_layers + a.fusion_layers)
-        return any(bool(m.llama.layers[i].attention.gate.detach().abs().sum() > 0) for i in layers)
+        return m.has_visual and getattr(m, "clip", None) is not None and gates_open(m, fusion_only=True)
 
     def image_tensor(self, images: list) -> torch.Tensor:
         """PIL images -> the encoder's input batch on the engine's device."""
@@ -236,31 +234,21 @@ class Engine:
         tensors) and everything needed to rebuild the model around them. `self_caption` (default:
         as loaded) records that the model was trained to caption an image first and answer with
         its caption as context; `ask` and `eval` then do so."""
-        from lav2cli.formats import artifact
-
         c = self.config
         if c.adapter is None:
             raise Lav2Error(f"{c.ref}: a base model has no adapter to save")
-        meta = {
-            "variant": c.adapter.variant,
-            "adapter": c.adapter.to_dict(),
-            "base": {"ref": c.base_ref, "format": c.base_format, "config": c.llama.to_dict()},
-            "encoder": c.encoder,
-            "preprocess": c.preprocess.to_dict() if c.preprocess else None,
-            "template": c.template,
-            "training": training or c.meta.get("training"),
-            "self_caption": bool(c.meta.get("self_caption")) if self_caption is None else self_caption,
-        }
+        meta = artifact.compose_meta(
+            c.adapter, base_ref=c.base_ref, base_format=c.base_format, llama=c.llama, encoder=c.encoder,
+            preprocess=c.preprocess, template=c.template, training=training or c.meta.get("training"),
+            self_caption=bool(c.meta.get("self_caption")) if self_caption is None else self_caption)
         return artifact.save(out_dir, tensors if tensors is not None else self.model.adapter_state_dict(), meta,
                              extra_files=extra_files)
 
     def generate(self, prompts: list[list[int]], images: torch.Tensor | None = None,
                  image_mask: torch.Tensor | None = None, sampling=None, on_token=None,
                  compile: bool | None = None) -> list[list[int]]:
-        """`generate.generate` with this engine's stop and pad ids; `compile` defaults to
+        """`inference.generate.generate` with this engine's stop and pad ids; `compile` defaults to
         `compile_decode`, so every pass of a command (a self-caption's too) compiles or none does."""
-        from lav2cli.generate import Sampling, generate
-
         return generate(self.model, prompts, stop_ids=self.tokenizer.stop_ids, pad_id=self.tokenizer.pad_id,
                         images=images, image_mask=image_mask, sampling=sampling or Sampling(),
                         on_token=on_token, compile=self.compile_decode if compile is None else compile)
@@ -359,5 +347,5 @@ def load(ref: str, *, base: str | None = None, clip: str | None = None,
                        preprocess=preprocess if encoder else None, files=files, meta=meta)
     transform = preprocess.transform() if (preprocess is not None and encoder is not None) else None
     if inference:
-        model.prepare_for_inference()
+        prepare_for_inference(model)
     return Engine(model, bw.tokenizer, transform, cfg, dev, dt)

@@ -189,7 +189,7 @@ class ModelCaptioner:
 
     def many(self, images: list["Image"]) -> list[str]:
         """Captions of several images in one batch (one prompt, so no padding)."""
-        from lav2cli.generate import Sampling
+        from lav2cli.inference.generate import Sampling
 
         eng = self.engine
         ids = eng.template.encode_prompt(eng.tokenizer, self.instruction)

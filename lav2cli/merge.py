@@ -1,15 +1,14 @@
 """`lav2 merge`: fold an adapter's bias, scale, LoRA and norms into plain LLaMA weights.
 
-For every adapted linear `y = s * ((W + B A) x + b)` (LoRA `lora_<name>_l1` = A, in -> r, and
-`_l2` = B, r -> out) the merged linear is `W' = diag(s) (W + B A)`, `b' = s * b` (official
-variant: no scale); the trained norms replace the base's. All of it in float32, then one cast
-to the output dtype.
+The folding itself lives in `lav2cli.inference.fold` (the maths inference shares):
+every adapted linear becomes `W' = diag(s) (W + B A)`, `b' = s * b`, and the trained norms
+replace the base's, all in float32, then one cast to the output dtype.
 
 What cannot fold stays a small lav2 artifact (the "sidecar": lav2.json + adapter.safetensors)
 in the same directory: the adaption prompts, the gates (and new_gate), the visual branch, and,
 when LoRA was folded into wk/wv of prompt layers, a prompt-only LoRA pair that gives the prompt
-keys/values back the projection without LoRA (the prompt path never saw LoRA; spec 2.2). Its
-adapter config has bias, scale and LoRA off, so inference runs plain `F.linear(x, W, b)`.
+keys/values back the projection without LoRA (the prompt path never saw LoRA). Its adapter
+config has bias, scale and LoRA off, so inference runs plain `F.linear(x, W, b)`.
 
 Output layouts (`--format`):
   lav2  llama.safetensors (Meta names, `.bias` for biased linears) + tokenizer + lav2.json
@@ -32,10 +31,8 @@ from typing import Any, Callable
 
 import torch
 
-from lav2cli import __version__
 from lav2cli.errors import Lav2Error
-from lav2cli.model.adapter import FOLDED_ROLES, param_role
-from lav2cli.model.config import LINEAR_MODULES
+from lav2cli.inference.fold import folded_base, gates_open, sidecar
 
 FORMATS = ("lav2", "hf", "meta")
 FOLDED = "llama.safetensors"  # the lav2 layout's folded base (Meta names)
@@ -61,91 +58,6 @@ class MergeResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# -- folding ------------------------------------------------------------------------------------
-
-
-def fold(model) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The folded base of an adapted `LlamaAdapterV2` (Meta names, float32, on the model's
-    device) and the list of what was folded in (for the report)."""
-    llama = model.llama
-    a = model.adapter
-    sd: dict[str, torch.Tensor] = {"tok_embeddings.weight": llama.tok_embeddings.weight.detach().float()}
-    if not model.config.tie_embeddings:
-        sd["output.weight"] = llama.output.weight.detach().float()
-    sd["norm.weight"] = llama.norm.weight.detach().float()
-    kinds: set[str] = set()
-    for i, layer in enumerate(llama.layers):
-        sd[f"layers.{i}.attention_norm.weight"] = layer.attention_norm.weight.detach().float()
-        sd[f"layers.{i}.ffn_norm.weight"] = layer.ffn_norm.weight.detach().float()
-        for name, mod in LINEAR_MODULES.items():
-            parent = getattr(layer, mod)
-            lin = getattr(parent, name)
-            delta = parent.lora_delta(name)
-            if delta is not None:
-                kinds.add("LoRA")
-            if lin.scale is not None:
-                kinds.add("scale")
-            w, b = lin.folded(delta)  # merge refuses a model without an adapter: every linear is adapted
-            sd[f"layers.{i}.{mod}.{name}.weight"] = w
-            if b is not None:
-                sd[f"layers.{i}.{mod}.{name}.bias"] = b
-                if a is not None and a.biased(name):
-                    kinds.add("bias")
-    if a is not None:
-        kinds.add("norms")
-    order = ["bias", "scale", "LoRA", "norms"]
-    return sd, [k for k in order if k in kinds]
-
-
-def _prompts_active(model) -> bool:
-    a = model.adapter
-    if a is None or a.prompt_layers == 0:
-        return False
-    n = model.config.n_layers
-    return any(bool(model.llama.layers[i].attention.gate.detach().abs().sum() > 0)
-               for i in range(n - a.prompt_layers, n))
-
-
-def sidecar(model) -> tuple[Any, dict[str, torch.Tensor], list[str]]:
-    """(adapter config, tensors, description) of what does not fold; (None, {}, []) when the
-    adapter is only bias, scale, LoRA and norms (or its prompts are inert: every gate 0)."""
-    a = model.adapter
-    if not _prompts_active(model):
-        return None, {}, []
-    n, L = model.config.n_layers, a.prompt_layers
-    tensors = {k: v.float() for k, v in model.adapter_state_dict().items() if param_role(k) not in FOLDED_ROLES}
-    # the prompt path used wk/wv without LoRA: keep -diag(s) B (and any earlier prompt-only pair)
-    ranks = []
-    for i in range(n - L, n):
-        att = model.llama.layers[i].attention
-        for name in ("wk", "wv"):
-            l1s, l2s = [], []
-            s = getattr(att, name).scale
-            s = s.detach().float()[:, None] if s is not None else 1.0
-            if getattr(att, "prompt_lora", False):
-                l1s.append(getattr(att, f"prompt_lora_{name}_l1").weight.detach().float())
-                l2s.append(s * getattr(att, f"prompt_lora_{name}_l2").weight.detach().float())
-            if att.lora_rank:
-                l1, l2 = att.lora_out_of_prompts(name)
-                l1s.append(l1)
-                l2s.append(l2)
-            if l1s:
-                p = f"llama.layers.{i}.attention.prompt_lora_{name}"
-                tensors[f"{p}_l1.weight"] = torch.cat(l1s, 0)
-                tensors[f"{p}_l2.weight"] = torch.cat(l2s, 1)
-                ranks.append(tensors[f"{p}_l1.weight"].shape[0])
-    cfg = replace(a, bias=False, scale=False, lora_rank=0, new_gate=bool(a.new_gate),
-                  prompt_lora_rank=ranks[0] if ranks else 0)
-    kept = [f"adaption prompts ({L} layer{'s' if L != 1 else ''} x {a.prompt_len})", "gates"]
-    if a.new_gate:
-        kept[-1] = "gates and new_gate"
-    if model.has_visual and a.fusion_layers > 0:
-        kept.append("visual branch")
-    if ranks:
-        kept.append(f"prompt-only LoRA on wk/wv (rank {ranks[0]})")
-    return cfg, tensors, kept
 
 
 # -- reading a merged directory back -----------------------------------------------------------
@@ -284,13 +196,13 @@ def merge(ref: str, out: str | Path, *, format: str = "lav2", dtype: str = "auto
     ref_logits: list[torch.Tensor] = []
     if verify:
         probes = _probe_tokens(eng.tokenizer, c.llama.vocab_size)
-        if model.has_visual and eng.image_transform is not None and _prompts_active(model):
+        if model.has_visual and eng.image_transform is not None and gates_open(model):
             image = eng.image_tensor([_probe_image()])
         log(f"reference logits on {len(probes)} probe prompt(s){' with and without an image' if image is not None else ''} ...")
         ref_logits = _logits(eng, probes, image)
 
     log("folding in float32 ...")
-    folded, fold_kinds = fold(model)
+    folded, fold_kinds = folded_base(model)
     side_cfg, side_sd, kept = sidecar(model)
     folded = {k: v.to(out_dt).cpu().contiguous() for k, v in folded.items()}
     biased = sorted({k.split(".")[3] for k in folded if k.endswith(".bias")})
@@ -319,18 +231,11 @@ def merge(ref: str, out: str | Path, *, format: str = "lav2", dtype: str = "auto
         meta: dict[str, Any] = {}
         if write_meta:
             save_file({k: v.contiguous().cpu() for k, v in side_sd.items()}, str(tmp / artifact.WEIGHTS))
-            meta = {
-                "format": artifact.FORMAT, "format_version": artifact.FORMAT_VERSION, "lav2_version": __version__,
-                "variant": side_cfg.variant if side_cfg else None,
-                "adapter": side_cfg.to_dict() if side_cfg else None,
-                "base": {"ref": ".", "format": f"merged-{format}", "config": llama_cfg.to_dict()},
-                "encoder": enc,
-                "preprocess": pre.to_dict() if pre else None,
-                "template": c.template,
-                "training": c.meta.get("training"),
-                "merged": {"from": str(ref), "format": format, "dtype": result.dtype, "folded": fold_kinds,
-                           "kept": kept, "adapter": c.adapter.to_dict()},
-            }
+            meta = artifact.compose_meta(
+                side_cfg, base_ref=".", base_format=f"merged-{format}", llama=llama_cfg, encoder=enc, preprocess=pre,
+                template=c.template, training=c.meta.get("training"),
+                merged={"from": str(ref), "format": format, "dtype": result.dtype, "folded": fold_kinds,
+                        "kept": kept, "adapter": c.adapter.to_dict()})
             (tmp / artifact.META).write_text(json.dumps(meta, indent=2) + "\n")
         if verify:
             log("verifying: loading the merged directory back ...")

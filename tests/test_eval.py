@@ -182,7 +182,7 @@ def test_vqa_end_to_end_and_resume(tmp_path, data, adapters):
 
 def test_compiled_eval_predicts_what_eager_predicts(tmp_path, data, adapters):
     """`eval --compile`: batches of 3 and 2 (run as 4 and 2) give the eager predictions."""
-    from lav2cli import generate as gen
+    from lav2cli.inference import generate as gen
 
     preds = {}
     gen._compiled.clear()

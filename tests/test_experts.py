@@ -18,7 +18,7 @@ from lav2cli import ask, engine, experts as X
 from lav2cli.errors import Lav2Error
 from lav2cli.evaluate import EvalOptions, evaluate
 from lav2cli.experts import ExpertOptions, Experts, Word
-from lav2cli.generate import Sampling
+from lav2cli.inference.generate import Sampling
 from lav2cli.model.config import AdapterConfig, VisualConfig
 from lav2cli.templates import get_template
 

@@ -11,7 +11,7 @@ import torch
 
 from lav2cli import engine
 from lav2cli.formats import meta
-from lav2cli.generate import Sampling, generate
+from lav2cli.inference.generate import Sampling, generate
 from lav2cli.model.adapter import LlamaAdapterV2
 from lav2cli.model.config import AdapterConfig, LlamaConfig
 

@@ -8,7 +8,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lav2cli.generate import Sampling, _prefill_shared_prefix, generate, shared_prefix_len
+from lav2cli.inference.fold import fold_for_inference, lay_out_for_cpu_decoding
+from lav2cli.inference.generate import Sampling, _prefill_shared_prefix, generate, shared_prefix_len
 from lav2cli.model.adapter import LlamaAdapterV2, is_adapter_param
 from lav2cli.model.config import AdapterConfig, LlamaConfig, VisualConfig
 
@@ -24,7 +25,7 @@ def fresh_compile_state() -> None:
     """No compiled step, graph or counter left from an earlier test."""
     import torch._dynamo
 
-    from lav2cli import generate as gen
+    from lav2cli.inference import generate as gen
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -347,7 +348,7 @@ def test_reading_tokens_every_few_steps_changes_no_answer(monkeypatch):
     """With READ_AHEAD (CUDA's default: the host queues steps without reading each token), rows
     that stop at different steps get exactly the answers of reading every step, and at most
     READ_AHEAD - 1 steps run past the last stop."""
-    from lav2cli import generate as gen
+    from lav2cli.inference import generate as gen
 
     _, model = adapted("paper", lora=4)
     perturb_adapter(model)
@@ -369,7 +370,7 @@ def test_reading_tokens_every_few_steps_changes_no_answer(monkeypatch):
 
 
 def test_sampling_edge_cases_leave_the_global_rng_alone():
-    from lav2cli.generate import sample_next
+    from lav2cli.inference.generate import sample_next
 
     logits = torch.tensor([[0.1, 3.0, 0.2, 2.9]])
     assert sample_next(logits, 1.0, 0.0, torch.Generator().manual_seed(0)).tolist() == [1]  # top_p 0 = greedy
@@ -418,7 +419,7 @@ def test_folding_scales_for_inference_keeps_logits_and_tokens(variant, lora, pro
     with torch.no_grad():
         ref = model(tokens, feats)
     want = generate(model, [[5, 17, 3, 44, 9]], stop_ids=frozenset(), pad_id=0, images=feats[:1], sampling=s)
-    assert model.fold_for_inference() == expected
+    assert fold_for_inference(model) == expected
     with torch.no_grad():
         assert torch.allclose(model(tokens, feats), ref, atol=1e-5)
     assert generate(model, [[5, 17, 3, 44, 9]], stop_ids=frozenset(), pad_id=0, images=feats[:1], sampling=s) == want
@@ -443,7 +444,7 @@ def test_cpu_layout_moves_float32_weights_and_keeps_values_logits_and_tokens(tie
     with torch.no_grad():
         ref = model(tokens, feats)
     want = generate(model, [[5, 17, 3, 44, 9], [8, 2]], stop_ids=frozenset(), pad_id=0, images=feats, sampling=s)
-    assert model.lay_out_for_cpu_decoding() == 7 * 3 + 1  # seven linears a layer, and the head
+    assert lay_out_for_cpu_decoding(model) == 7 * 3 + 1  # seven linears a layer, and the head
     head = model.llama.head_weight()
     linears = [m.weight for m in model.llama.modules() if isinstance(m, torch.nn.Linear)]
     for w in [head, model.llama.layers[0].attention.wq.weight, model.llama.layers[2].feed_forward.w2.weight]:
@@ -455,8 +456,8 @@ def test_cpu_layout_moves_float32_weights_and_keeps_values_logits_and_tokens(tie
     for compile in (False, True) if tie else (False,):  # one compiled case is enough (~6 s)
         assert generate(model, [[5, 17, 3, 44, 9], [8, 2]], stop_ids=frozenset(), pad_id=0, images=feats,
                         sampling=s, compile=compile) == want
-    assert model.lay_out_for_cpu_decoding() == 0
-    assert model.to(torch.bfloat16).lay_out_for_cpu_decoding() == 0
+    assert lay_out_for_cpu_decoding(model) == 0
+    assert lay_out_for_cpu_decoding(model.to(torch.bfloat16)) == 0
 
 
 def test_lora_stays_unfolded_on_bfloat16_weights():
@@ -470,6 +471,6 @@ def test_lora_stays_unfolded_on_bfloat16_weights():
     feats = torch.randn(2, 7, ENC_DIM, dtype=torch.bfloat16)
     with torch.no_grad():
         ref = model(tokens, feats)
-    assert model.fold_for_inference() == 0
+    assert fold_for_inference(model) == 0
     with torch.no_grad():
         assert torch.equal(model(tokens, feats), ref)

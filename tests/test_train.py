@@ -282,7 +282,7 @@ def test_prepare_distill_keeps_the_models_own_finished_answers(setup, tmp_path):
                 "--max-new-tokens", "40")
     assert r.returncode == 0, r.stderr
     eng = engine.load(str(setup / "base"), device="cpu")
-    from lav2cli.generate import Sampling
+    from lav2cli.inference.generate import Sampling
 
     recs = [json.loads(x) for x in out.read_text().splitlines()]
     manifest = json.loads((tmp_path / "distill.manifest.json").read_text())

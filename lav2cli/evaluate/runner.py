@@ -165,7 +165,7 @@ def _expert_outputs(experts: Experts | None, units: list[T.Unit]) -> list[list]:
 
 def _generate(engine, opts: EvalOptions, units: list[T.Unit], max_new: int,
               experts: Experts | None = None) -> list[dict]:
-    from lav2cli.generate import Sampling
+    from lav2cli.inference.generate import Sampling
 
     tpl, tok = engine.template, engine.tokenizer
     outputs = _expert_outputs(experts, units)

@@ -13,6 +13,8 @@ from safetensors.torch import save_file
 from lav2cli import __version__
 from lav2cli.errors import Lav2Error
 from lav2cli.fileio import atomic_dir
+from lav2cli.model.config import AdapterConfig, LlamaConfig
+from lav2cli.model.vision import ImagePreprocess
 
 FORMAT = "lav2-adapter"
 FORMAT_VERSION = 1
@@ -22,6 +24,25 @@ META = "lav2.json"
 
 def detect(path: Path) -> bool:
     return path.is_dir() and (path / META).is_file()
+
+
+def compose_meta(adapter: AdapterConfig | None, *, base_ref: str, base_format: str, llama: LlamaConfig,
+                 encoder: dict[str, Any] | None, preprocess: ImagePreprocess | None, template: str,
+                 training: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
+    """lav2.json's contents for `adapter` on the base `base_ref` (`base_format`, `llama`): all that
+    rebuilds the model around the adapter's tensors (`save` adds the list of them); `extra` entries
+    follow."""
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "lav2_version": __version__,
+        "variant": adapter.variant if adapter else None,
+        "adapter": adapter.to_dict() if adapter else None,
+        "base": {"ref": base_ref, "format": base_format, "config": llama.to_dict()},
+        "encoder": encoder,
+        "preprocess": preprocess.to_dict() if preprocess else None,
+        "template": template,
+        "training": training,
+        **extra,
+    }
 
 
 def save(out_dir: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any],

@@ -102,19 +102,6 @@ class AdaptedLinear(nn.Module):
             y = y * self.scale.to(y.dtype)
         return y
 
-    def folded(self, delta_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """float32 (W', b') of the plain linear this one equals: W' = diag(s) (W + delta_weight),
-        b' = s b (a LoRA pair folds in as delta_weight = B A)."""
-        w = self.weight.detach().float()
-        if delta_weight is not None:
-            w = w + delta_weight
-        b = self.bias.detach().float() if self.bias is not None else None
-        if self.scale is not None:
-            s = self.scale.detach().float()
-            w = s[:, None] * w
-            b = s * b if b is not None else None
-        return w, b
-
 
 class _Adapted:
     """Shared by attention and feed-forward: adapted linears plus sibling LoRA pairs."""
@@ -129,22 +116,6 @@ class _Adapted:
                 setattr(self, f"lora_{name}_l1", l1)
                 setattr(self, f"lora_{name}_l2", l2)
         self.lora_rank = a.lora_rank
-
-    def lora_delta(self, name: str) -> torch.Tensor | None:
-        """float32 B A of linear `name`'s LoRA pair (None without LoRA): what folds into its weight."""
-        if not self.lora_rank:
-            return None
-        l1, l2 = getattr(self, f"lora_{name}_l1"), getattr(self, f"lora_{name}_l2")
-        return l2.weight.detach().float() @ l1.weight.detach().float()
-
-    def lora_out_of_prompts(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 (A, -diag(s) B) for wk/wv once their LoRA is folded: as a prompt-only pair it
-        takes the LoRA back out of the adaption prompts' K/V, which never saw it:
-        s (W + B A) p + s b - s B A p = s (W p + b)."""
-        l1, l2 = getattr(self, f"lora_{name}_l1"), getattr(self, f"lora_{name}_l2")
-        s = getattr(self, name).scale
-        s = s.detach().float()[:, None] if s is not None else 1.0
-        return l1.weight.detach().float(), -s * l2.weight.detach().float()
 
     def proj(self, name: str, x: torch.Tensor, lora: bool = True) -> torch.Tensor:
         delta = None
@@ -214,7 +185,7 @@ class LlamaAdapterV2(nn.Module):
     def __init__(self, config: LlamaConfig, adapter: AdapterConfig | None = None, encoder: nn.Module | None = None):
         super().__init__()
         self.config = config
-        self.folded_for_inference = False  # set by fold_for_inference()
+        self.folded_for_inference = False  # set by inference.fold.fold_for_inference
         # set only while training with `train.standardize_features`: (mean, 1/std) per encoder
         # channel; clip_proj then reads standardised features and `folded_clip_proj` turns it
         # back into a plain projection of raw features for saving (not a saved tensor)
@@ -256,74 +227,6 @@ class LlamaAdapterV2(nn.Module):
     def freeze_base(self) -> None:
         for n, p in self.named_parameters():
             p.requires_grad_(is_adapter_param(n))
-
-    @torch.no_grad()
-    def fold_for_inference(self) -> int:
-        """Fold each scale and LoRA pair into its frozen weight and bias, W' = diag(s) (W + B A),
-        b' = s b, so that an adapted linear is one F.linear again (eager decoding runs ~200 fewer
-        small ops per token on a 30-layer model, ~400 fewer with LoRA). The adaption prompts'
-        keys and values never saw the token path's LoRA: a prompt layer's wk/wv get a prompt-only
-        pair (A, -diag(s) B) that takes it back out, as `lav2 merge` writes it. LoRA folds only
-        into float32 weights (in bf16 the sum W + B A would round the pair away); linears that
-        already carry a prompt-only pair keep theirs unfolded. Inference only: the model cannot be
-        trained or saved afterwards. Returns the number of linears folded."""
-        folded = 0
-        first_prompt_layer = self.config.n_layers - self.adapter.prompt_layers if self.adapter is not None else 0
-        for layer in self.llama.layers if self.adapter is not None else ():
-            for parent in (layer.attention, layer.feed_forward):
-                lins = [(n, m) for n, m in parent.named_children() if isinstance(m, AdaptedLinear)]
-                lora = getattr(parent, "lora_rank", 0)
-                if getattr(parent, "prompt_lora", False) or (lora and lins[0][1].weight.dtype != torch.float32):
-                    continue
-                if lora and parent is layer.attention and parent.layer_id >= first_prompt_layer:
-                    self._take_lora_out_of_prompts(parent)
-                for name, lin in lins:
-                    if lin.scale is None and not lora:
-                        continue
-                    w, b = lin.folded(parent.lora_delta(name))
-                    lin.weight.copy_(w)
-                    if b is not None:
-                        lin.bias.copy_(b)
-                    lin.scale = None
-                    folded += 1
-                parent.lora_rank = 0  # the pairs are in the weights now
-        self.folded_for_inference = True
-        return folded
-
-    @torch.no_grad()
-    def lay_out_for_cpu_decoding(self) -> int:
-        """Store the frozen base's float32 linear weights and head column-major on CPU: still
-        [out, in], with strides (1, out). F.linear multiplies by W^T, which is then a contiguous
-        matrix, and MKL reads it ~1.3x faster one row at a time (a decoding step reads every
-        weight once; benchmarks/README.md has the numbers). bf16 weights read faster row-major,
-        and CUDA weights are left as they are. Values are unchanged. Returns the number of
-        weights moved."""
-        lookup_only = () if self.config.tie_embeddings else ("llama.tok_embeddings.weight",)  # tied: the head
-        moved = 0
-        for name, w in self.named_parameters():
-            if not name.startswith("llama.") or is_adapter_param(name) or name in lookup_only:
-                continue
-            if w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2 and w.stride(0) != 1:
-                w.data = w.data.t().contiguous().t()
-                moved += 1
-        return moved
-
-    def prepare_for_inference(self) -> tuple[int, int]:
-        """What `ask`, `eval` and `bench decode` run on a loaded model: the CPU layout, then the
-        fold (which so writes into the layout's fresh copies, not into memory-mapped weights).
-        Returns (linears folded, weights moved)."""
-        moved = self.lay_out_for_cpu_decoding()
-        return self.fold_for_inference(), moved
-
-    @staticmethod
-    def _take_lora_out_of_prompts(att: "AdaptedAttention") -> None:
-        """Before wk/wv fold their LoRA: their prompt path gets the pair that takes it back out."""
-        for name in ("wk", "wv"):
-            for suffix, w in zip(("l1", "l2"), att.lora_out_of_prompts(name)):
-                lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=att.wk.weight.dtype)
-                lin.weight.data.copy_(w)
-                setattr(att, f"prompt_lora_{name}_{suffix}", lin.requires_grad_(False))
-        att.prompt_lora = True
 
     # -- visual branch ----------------------------------------------------------------------
 

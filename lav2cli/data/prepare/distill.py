@@ -21,7 +21,7 @@ def convert(job: Job, model: str, prompts: str | None = None, max_new_tokens: in
     Answers cut off at ``max_new_tokens`` are not kept: a record must end where the model ends."""
     # the engine brings torch: imported here so that the other sources start without it
     from lav2cli import engine as engine_mod
-    from lav2cli.generate import Sampling
+    from lav2cli.inference.generate import Sampling
 
     prompts = os.fspath(prompts or DISTILL_PROMPTS)
     items = list(_prompts(job, prompts))
