@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from lav2cli import __version__
 from lav2cli.errors import Lav2Error
 from lav2cli.fileio import atomic_dir
+from lav2cli.formats.io import read_safetensors
 
 FORMAT = "lav2-adapter"
 FORMAT_VERSION = 1
@@ -52,8 +53,6 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    from lav2cli.formats import read_safetensors
-
     f = Path(path) / WEIGHTS
     tensors = read_safetensors(f)
     listed = read_meta(path).get("tensors")
