@@ -20,13 +20,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from lav2cli import formats
 from lav2cli.errors import Lav2Error
 from lav2cli.formats import BaseWeights, artifact
 from lav2cli.inference.fold import gates_open, prepare_for_inference
 from lav2cli.inference.generate import Sampling, generate
 from lav2cli.model.adapter import LlamaAdapterV2, initial_value, is_adapter_param
 from lav2cli.model.config import AdapterConfig, LlamaConfig
-from lav2cli.model.vision import ImagePreprocess, build_encoder, parse_clip_arg
+from lav2cli.model.vision import ImagePreprocess, build_encoder
 from lav2cli.templates import Template, get_template
 from lav2cli.tokenizer import Tokenizer
 
@@ -57,8 +58,13 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+# every --dtype name (long and short spellings), for every command: one table
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -66,61 +72,21 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
         return dtype
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
+    if dtype not in DTYPES:
         raise Lav2Error(f"unknown dtype {dtype!r} (expected auto, float32, bfloat16 or float16)")
-    return _DTYPES[dtype]
+    return DTYPES[dtype]
 
 
 # -- references --------------------------------------------------------------------------------
 
 
-def load_base_ref(ref: str) -> BaseWeights:
-    """A named base (registry) or a path to Meta / HF weights or a GGUF file."""
-    from lav2cli.formats.base import load_base
-    from lav2cli.registry import resolve_named
-
-    path = resolve_named(ref)
-    if path is None:
-        path = Path(ref).expanduser()
-        if not path.exists():
-            raise Lav2Error(f"unknown model reference {ref!r}: not a known name (see `lav2 info --list`) and no such path")
-    return load_base(path)
-
-
-def classify_ref(ref: str) -> tuple[str, Path | None]:
-    """('artifact'|'official'|'base', path); named bases resolve later."""
-    from lav2cli.formats import artifact, official
-    from lav2cli.registry import resolve_named
-
-    named = resolve_named(ref)
-    if named is not None:
-        return ("artifact", named) if artifact.detect(named) else ("base", named)
-    p = Path(ref).expanduser()
-    if not p.exists():
-        raise Lav2Error(f"unknown model reference {ref!r}: not a known name (see `lav2 info --list`) and no such path")
-    if artifact.detect(p):
-        return "artifact", p
-    if p.is_file() and p.suffix == ".gguf":
-        return "base", p
-    if official.detect(p):
-        return "official", p
-    return "base", p
+classify_ref = formats.classify  # the name train.py and marked_self_caption use
 
 
 def marked_self_caption(ref: str) -> bool:
     """Whether model reference `ref` is an artifact marked self_caption (reads lav2.json only)."""
-    from lav2cli.formats import artifact
-
     kind, path = classify_ref(ref)
     return kind == "artifact" and bool(artifact.read_meta(path).get("self_caption"))
-
-
-def _check_base_matches(meta: dict, cfg: LlamaConfig, where: Path, base_ref: str) -> None:
-    want = meta.get("base", {}).get("config", {})
-    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim"):
-        if key in want and want[key] != getattr(cfg, key):
-            raise Lav2Error(f"{where}: adapter was trained on a base with {key}={want[key]}, "
-                            f"but {base_ref} has {key}={getattr(cfg, key)}")
 
 
 # -- assembly ---------------------------------------------------------------------------------
@@ -258,7 +224,7 @@ def load(ref: str, *, base: str | None = None, clip: str | None = None,
          device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
          adapter: AdapterConfig | None = None, encoder: dict[str, Any] | None = None,
          inference: bool = False, add_lora_rank: int = 0) -> Engine:
-    """Resolve a model reference (DESIGN.md section 2) and build the engine.
+    """Resolve a model reference (`formats.open`) and build the engine.
 
     `adapter` (with `encoder`, an encoder spec, when it has a visual branch) puts a fresh
     adapter on a base reference: the starting point of training. `add_lora_rank` gives an
@@ -268,66 +234,23 @@ def load(ref: str, *, base: str | None = None, clip: str | None = None,
     folded into the frozen weights, float32 CPU weights column-major; faster, and the engine can
     then not train or save).
     """
-    from lav2cli.formats import artifact, official
-
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    kind, path = classify_ref(str(ref))
-    enc_spec = parse_clip_arg(clip) if clip else None
-    adapter_cfg: AdapterConfig | None = None
-    adapter_sd = None
-    preprocess: ImagePreprocess | None = None
-    channel_order = "rgb"
-    meta: dict[str, Any] = {}
-    files: list[Path] = []
-    strict = True
-
-    if kind == "artifact":
-        meta = artifact.read_meta(path)
-        base_ref = base or meta.get("base", {}).get("ref")
-        if not base_ref:
-            raise Lav2Error(f"{path / artifact.META}: no base model recorded; pass --base")
-        if meta.get("merged") and not base:  # `lav2 merge` output: the folded base lives beside it
-            from lav2cli.merge import load_folded_base
-
-            bw, base_ref = load_folded_base(path, meta), str(path)
-        else:
-            bw = load_base_ref(base_ref)
-        _check_base_matches(meta, bw.config, path, base_ref)
-        adapter_cfg = AdapterConfig.from_dict(meta["adapter"]) if meta.get("adapter") else None
-        if add_lora_rank and adapter_cfg is not None and adapter_cfg.lora_rank != add_lora_rank:
-            if adapter_cfg.lora_rank:
-                raise Lav2Error(f"{path}: its adapter has LoRA of rank {adapter_cfg.lora_rank}; "
-                                f"a stage continuing it cannot change that to {add_lora_rank}")
-            adapter_cfg = replace(adapter_cfg, lora_rank=add_lora_rank)
-        adapter_sd = artifact.load_tensors(path)
-        enc_spec = enc_spec or meta.get("encoder")
-        if meta.get("preprocess"):
-            preprocess = ImagePreprocess.from_dict(meta["preprocess"])
-        template = meta.get("template") or bw.template
-        files = [path / artifact.META, path / artifact.WEIGHTS]
-        strict = False  # a stage saves only what it trained; the rest keeps its initial values
-    elif kind == "official":
-        if not base:
-            raise Lav2Error(f"{path}: an official LLaMA-Adapter checkpoint needs --base (a Meta or HF LLaMA-7B directory)")
-        adapter_cfg, adapter_sd, _ = official.load(path)
-        base_ref = str(Path(base).expanduser().resolve()) if Path(base).expanduser().exists() else base
-        bw = load_base_ref(base)
-        enc_spec = enc_spec or parse_clip_arg(official.DEFAULT_CLIP)
-        channel_order = "bgr"
-        template = "alpaca"
-        files = [path]
-    else:
-        base_ref = str(Path(ref).expanduser().resolve()) if path is not None and Path(ref).expanduser().exists() else str(ref)
-        bw = load_base_ref(base_ref)
-        template = bw.template
+    r = formats.open(str(ref), base=base, clip=clip)
+    kind, bw, base_ref, template, files = r.kind, r.base, r.base_ref, r.template, r.files
+    adapter_cfg, enc_spec, preprocess = r.adapter, r.encoder, r.preprocess
+    if kind == "base":
         adapter_cfg, enc_spec = adapter, encoder or enc_spec
-    files = list(bw.files) + files
 
     if adapter is not None and kind != "base":
         raise Lav2Error(f"{ref}: already an adapter; a fresh adapter goes on a base model")
     if add_lora_rank and kind != "artifact":
         raise Lav2Error(f"{ref}: LoRA is added to a lav2 artifact being continued, not to a {kind} reference")
+    if add_lora_rank and adapter_cfg is not None and adapter_cfg.lora_rank != add_lora_rank:
+        if adapter_cfg.lora_rank:
+            raise Lav2Error(f"{r.path}: its adapter has LoRA of rank {adapter_cfg.lora_rank}; "
+                            f"a stage continuing it cannot change that to {add_lora_rank}")
+        adapter_cfg = replace(adapter_cfg, lora_rank=add_lora_rank)
     encoder = None
     if adapter_cfg is not None and adapter_cfg.visual is not None:
         if enc_spec is None:
@@ -338,13 +261,14 @@ def load(ref: str, *, base: str | None = None, clip: str | None = None,
         if encoder.out_dim != adapter_cfg.visual.encoder_dim:
             raise Lav2Error(f"image encoder {enc_spec.get('name')} gives {encoder.out_dim}-wide tokens, "
                             f"the adapter's clip_proj expects {adapter_cfg.visual.encoder_dim}")
-        preprocess = preprocess or ImagePreprocess.for_encoder(encoder, channel_order)
+        preprocess = preprocess or ImagePreprocess.for_encoder(encoder, r.channel_order)
 
-    model = assemble(bw.config, adapter_cfg, bw, adapter_sd, files[-1] if adapter_sd is not None else None,
-                     encoder, dev, dt, strict_adapter=strict)
+    # a stage saves only what it trained: an artifact's other adapter tensors keep their initial values
+    model = assemble(bw.config, adapter_cfg, bw, r.adapter_tensors, r.adapter_file, encoder, dev, dt,
+                     strict_adapter=kind != "artifact")
     cfg = EngineConfig(ref=str(ref), kind=kind, llama=model.config, adapter=model.adapter, template=template,
                        base_ref=base_ref, base_format=bw.format, encoder=enc_spec if encoder else None,
-                       preprocess=preprocess if encoder else None, files=files, meta=meta)
+                       preprocess=preprocess if encoder else None, files=files, meta=r.meta)
     transform = preprocess.transform() if (preprocess is not None and encoder is not None) else None
     if inference:
         prepare_for_inference(model)

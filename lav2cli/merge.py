@@ -31,13 +31,16 @@ from typing import Any, Callable
 
 import torch
 
+from lav2cli import __version__, engine
 from lav2cli.errors import Lav2Error
+from lav2cli.fileio import atomic_dir
+from lav2cli.formats import artifact, classify, hf
+from lav2cli.formats import meta as meta_fmt
+from lav2cli.formats.io import stored_dtype
+from lav2cli.formats.merged import FOLDED
 from lav2cli.inference.fold import folded_base, gates_open, sidecar
 
 FORMATS = ("lav2", "hf", "meta")
-FOLDED = "llama.safetensors"  # the lav2 layout's folded base (Meta names)
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
 PROBES = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
     "What is the capital of France?",
@@ -60,70 +63,9 @@ class MergeResult:
         return asdict(self)
 
 
-# -- reading a merged directory back -----------------------------------------------------------
-
-
-def load_folded_base(path: str | Path, meta: dict[str, Any]):
-    """The folded base of a merged directory (what engine.load uses for a lav2.json with a
-    `merged` entry): the lav2, hf or meta layout beside the sidecar."""
-    from lav2cli.formats import BaseWeights, hf, read_safetensors, read_state_dict
-    from lav2cli.formats import meta as meta_fmt
-    from lav2cli.formats.base import check_state_dict
-    from lav2cli.model.config import LlamaConfig
-    from lav2cli.tokenizer import load_tokenizer, tokenizer_uses_chatml
-
-    path = Path(path)
-    fmt = (meta.get("merged") or {}).get("format", "lav2")
-    if fmt == "hf":
-        return hf.load(path)
-    if fmt == "meta" and (path / "tokenizer.model").is_file():
-        return meta_fmt.load(path)
-    if fmt not in ("lav2", "meta"):
-        raise Lav2Error(f"{path / 'lav2.json'}: unknown merged format {fmt!r}")
-    try:
-        cfg = LlamaConfig.from_dict(meta["base"]["config"])
-    except (KeyError, TypeError) as e:
-        raise Lav2Error(f"{path / 'lav2.json'}: no usable base.config ({e})") from None
-    if fmt == "lav2":
-        f = path / FOLDED
-        sd = read_safetensors(f)
-    else:  # meta layout with a BPE tokenizer (tokenizer.json), which meta.load does not read
-        f = path / "consolidated.00.pth"
-        sd = read_state_dict(f)
-        cfg = replace(cfg, tie_embeddings=False)  # Meta checkpoints store output.weight
-    check_state_dict(sd, cfg, f)
-    tok = load_tokenizer(path)
-    template = meta.get("template") or ("chatml" if tokenizer_uses_chatml(tok) else "alpaca")
-    tok_files = [p for p in (path / "tokenizer.model", path / "tokenizer.json") if p.is_file()]
-    return BaseWeights(config=cfg, state_dict=sd, tokenizer=tok, template=template, source=path,
-                       format=f"merged-{fmt}", files=[f, *tok_files])
 
 
 # -- the command --------------------------------------------------------------------------------
-
-
-def _stored_dtype(files: list[Path]) -> torch.dtype:
-    """The dtype the base weights were stored in (float32 when it cannot be told cheaply)."""
-    for f in files:
-        try:
-            if f.suffix == ".safetensors":
-                from safetensors import safe_open
-
-                with safe_open(str(f), "pt") as h:
-                    for k in h.keys():
-                        return {"BF16": torch.bfloat16, "F16": torch.float16}.get(h.get_slice(k).get_dtype(), torch.float32)
-            if f.suffix == ".pth" and f.name.startswith("consolidated."):
-                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-                t = sd.get("tok_embeddings.weight")
-                if t is not None:
-                    return t.dtype if t.dtype in (torch.bfloat16, torch.float16) else torch.float32
-        except Exception:
-            pass
-    return torch.float32
-
-
-def _dtype_name(dt: torch.dtype) -> str:
-    return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dt]
 
 
 def _probe_image():
@@ -165,19 +107,13 @@ def merge(ref: str, out: str | Path, *, format: str = "lav2", dtype: str = "auto
     """Fold the adapter at `ref` into plain weights at `out` (see the module docstring)."""
     from safetensors.torch import save_file
 
-    from lav2cli import engine
-    from lav2cli.fileio import atomic_dir
-    from lav2cli.formats import artifact, hf
-    from lav2cli.formats import meta as meta_fmt
-    from lav2cli.tokenizer import SentencePieceTokenizer
-
     if format not in FORMATS:
         raise Lav2Error(f"unknown --format {format!r} (expected {', '.join(FORMATS)})")
-    if dtype != "auto" and dtype not in DTYPES:
+    if dtype != "auto" and dtype not in engine.DTYPES:
         raise Lav2Error(f"unknown --dtype {dtype!r} (expected auto, fp32, bf16 or fp16)")
     out = Path(out).expanduser()
     _check_out(out, force)
-    kind, path = engine.classify_ref(str(ref))
+    kind, path = classify(str(ref))
     if kind == "base":
         raise Lav2Error(f"{ref}: a base model, not an adapter: nothing to merge "
                         f"(expected a lav2 artifact directory or an official LLaMA-Adapter .pth)")
@@ -190,7 +126,7 @@ def merge(ref: str, out: str | Path, *, format: str = "lav2", dtype: str = "auto
     if c.adapter is None:
         raise Lav2Error(f"{ref}: has no adapter: nothing to merge")
     n_adapter_files = 2 if kind == "artifact" else 1
-    out_dt = DTYPES[dtype] if dtype != "auto" else _stored_dtype(c.files[: len(c.files) - n_adapter_files])
+    out_dt = engine.DTYPES[dtype] if dtype != "auto" else stored_dtype(c.files[: len(c.files) - n_adapter_files])
 
     probes = image = None
     ref_logits: list[torch.Tensor] = []
@@ -208,24 +144,24 @@ def merge(ref: str, out: str | Path, *, format: str = "lav2", dtype: str = "auto
     biased = sorted({k.split(".")[3] for k in folded if k.endswith(".bias")})
     llama_cfg = replace(c.llama, linear_bias=biased)
     tokenizer = eng.tokenizer
-    spm = isinstance(tokenizer, SentencePieceTokenizer)
+    spm = tokenizer.spm_file is not None  # Meta's layout holds a sentencepiece model, nothing else
     write_meta = format == "lav2" or bool(kept) or (format == "meta" and not spm)
     enc, pre = (c.encoder, c.preprocess) if side_cfg is not None and side_cfg.visual is not None else (None, None)
     del model
     eng.model = None  # free the unmerged weights before the merged ones are loaded back
 
-    result = MergeResult(out=str(out), format=format, dtype=_dtype_name(out_dt), folded=fold_kinds, kept=kept,
+    result = MergeResult(out=str(out), format=format, dtype=engine.dtype_name(out_dt), folded=fold_kinds, kept=kept,
                          sidecar_params=sum(t.numel() for t in side_sd.values()))
     log(f"writing {format} layout ({result.dtype}) ...")
     with atomic_dir(out) as tmp:
         plain_cfg = replace(c.llama, linear_bias=[])
         if format == "lav2":
             save_file(folded, str(tmp / FOLDED), metadata={"format": "pt", "layout": "meta"})
-            hf._save_tokenizer(tmp, tokenizer)
+            tokenizer.save(tmp)
         elif format == "hf":
             hf.save(tmp, plain_cfg, folded, tokenizer=tokenizer)
         else:
-            meta_fmt.save(tmp, plain_cfg, folded, tokenizer_model_path=tokenizer.path if spm else None)
+            meta_fmt.save(tmp, plain_cfg, folded, tokenizer_model_path=tokenizer.spm_file)
             if not spm:
                 tokenizer.save(tmp)
         meta: dict[str, Any] = {}

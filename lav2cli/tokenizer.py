@@ -2,25 +2,45 @@
 
 - `SentencePieceTokenizer(model_path)`: Meta LLaMA's `tokenizer.model`.
 - `BPETokenizer`: anything the `tokenizers` library can run, built from an HF `tokenizer.json`
-  (`from_file`) or from a llama.cpp GGUF vocabulary (`from_gguf_metadata` for "gpt2" byte-level
-  BPE vocabularies, `from_gguf_spm` for "llama" sentencepiece-style vocabularies).
+  (`from_file`) or around a `tokenizers.Tokenizer` (formats/gguf_tokenizer.py builds one from a
+  llama.cpp GGUF vocabulary).
 - `load_tokenizer(dir_or_file)` picks the backend from the files present.
+- `template_for(tokenizer)` names the prompt template its chat template implies.
 - `StreamDecoder` turns a growing id list into text increments (holds back incomplete UTF-8).
 
 `encode(text, bos, eos)` never adds anything by itself; `bos=True` prepends the BOS token when the
 model uses one (`add_bos`; SmolLM2's vocabulary does not), `eos=True` appends EOS.
 `decode(ids, skip_special=True)` drops special/control tokens (what users should see);
-`skip_special=False` gives the exact text back, special tokens included.
+`skip_special=False` gives the exact text back, special tokens included. Writers never ask which
+backend they hold: `save(dir)` writes the tokenizer's own files, `vocabulary()` lists its tokens
+(what a GGUF file stores), `spm_file` is the sentencepiece model Meta's layout can hold (or None).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Protocol
 
 from lav2cli.errors import Lav2Error
+
+
+@dataclass
+class Vocabulary:
+    """A tokenizer's vocabulary as plain lists, ids as list positions. `types` are sentencepiece's
+    piece types (llama.cpp uses the same numbers): 1 normal, 2 unknown, 3 control,
+    4 user-defined, 5 unused, 6 byte."""
+
+    model: str  # "bpe" (byte-level, ranked by `merges`) or "sentencepiece" (ranked by `scores`)
+    tokens: list[str]
+    types: list[int]
+    merges: list[str] = field(default_factory=list)  # "a b", highest priority first (bpe)
+    scores: list[float] = field(default_factory=list)  # one per token (sentencepiece)
+    pre_tokenizer: dict[str, Any] | None = None  # the tokenizers pre-tokenizer, as JSON (bpe)
+    unk_id: int | None = None
 
 
 class Tokenizer(Protocol):
@@ -28,12 +48,24 @@ class Tokenizer(Protocol):
     bos_id: int | None
     eos_id: int
     pad_id: int
+    add_bos: bool  # encode(bos=True) prepends bos_id
     stop_ids: frozenset[int]  # generation stops at any of these (eos, chatml's <|im_end|>, ...)
     chat_template: str | None  # raw chat template from the model files, when present
+    spm_file: Path | None  # the sentencepiece model behind it (tokenizer.model), if any
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]: ...
 
-    def decode(self, ids: list[int]) -> str: ...
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str: ...
+
+    def token_to_id(self, token: str) -> int | None: ...
+
+    def id_to_token(self, i: int) -> str | None: ...
+
+    def save(self, directory: str | os.PathLike) -> list[Path]:
+        """Write the tokenizer's files (HF names) into `directory`; the paths written."""
+        ...
+
+    def vocabulary(self) -> Vocabulary: ...
 
 
 # Tokens that end a turn or a document in common vocabularies; any present joins stop_ids.
@@ -45,8 +77,6 @@ STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "
 
 class SentencePieceTokenizer:
     """Meta LLaMA's sentencepiece tokenizer (`tokenizer.model`)."""
-
-    kind = "sentencepiece"
 
     def __init__(self, model_path: str | os.PathLike, chat_template: str | None = None):
         import sentencepiece as spm
@@ -112,6 +142,38 @@ class SentencePieceTokenizer:
             return "".join(out)
         return self.sp.decode([i for i in ids if i not in self._special])
 
+    @property
+    def spm_file(self) -> Path:
+        return self.path
+
+    def save(self, directory: str | os.PathLike) -> list[Path]:
+        """Write tokenizer.model (a copy) and an HF tokenizer_config.json into `directory`."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        t = d / "tokenizer.model"
+        if self.path.resolve() != t.resolve():
+            shutil.copyfile(self.path, t)
+        tc: dict[str, Any] = {
+            "tokenizer_class": "LlamaTokenizer",
+            "bos_token": self.id_to_token(self.bos_id) if self.bos_id is not None else None,
+            "eos_token": self.id_to_token(self.eos_id),
+            "add_bos_token": self.add_bos,
+            "add_eos_token": False,
+        }
+        if self.chat_template:
+            tc["chat_template"] = self.chat_template
+        f = d / "tokenizer_config.json"
+        f.write_text(json.dumps(tc, indent=2) + "\n")
+        return [t, f]
+
+    def vocabulary(self) -> Vocabulary:
+        sp, n = self.sp, self.vocab_size
+        types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i)
+                 else 5 if sp.is_unused(i) else 1 for i in range(n)]
+        return Vocabulary(model="sentencepiece", tokens=[sp.id_to_piece(i) for i in range(n)], types=types,
+                          scores=[float(sp.get_score(i)) for i in range(n)],
+                          unk_id=sp.unk_id() if sp.unk_id() >= 0 else None)
+
     def __repr__(self) -> str:
         return f"SentencePieceTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
 
@@ -135,23 +197,10 @@ def _read_json(p: Path) -> dict[str, Any]:
     return d if isinstance(d, dict) else {}
 
 
-# llama.cpp pre-tokenizer names -> split regex (None: plain GPT-2 byte-level regex)
-_LLAMA3_RE = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_RE = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_DIGITS_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
-_GPT2_PRE = {"default", "gpt-2", "gpt2", "olmo", "phi-2", "jina-es", "jina-de", "poro-chat", "viking"}
-
-
 class BPETokenizer:
     """A `tokenizers.Tokenizer` with the bos/eos/pad/stop ids and chat template of its model."""
 
-    kind = "bpe"
+    spm_file = None
 
     def __init__(
         self,
@@ -245,107 +294,6 @@ class BPETokenizer:
         return cls(tok, bos_id=bos, eos_id=eos, pad_id=pad, add_bos=bool(add_bos),
                    chat_template=tmpl if isinstance(tmpl, str) else None, extra_stop_ids=extra, source=p)
 
-    @classmethod
-    def from_gguf_metadata(
-        cls,
-        tokens: list[str],
-        merges: list[str],
-        token_types: list[int] | None,
-        bos_id: int | None,
-        eos_id: int,
-        pad_id: int | None = None,
-        pre: str | None = None,
-        *,
-        add_bos: bool = False,
-        chat_template: str | None = None,
-    ) -> "BPETokenizer":
-        """A llama.cpp "gpt2" (byte-level BPE) vocabulary. Control tokens (type 3) become special
-        added tokens, user-defined ones (type 4) plain added tokens, so that "<|im_start|>" in text
-        encodes to its single id. `pre` is llama.cpp's pre-tokenizer name (tokenizer.ggml.pre)."""
-        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
-        from tokenizers import Tokenizer as HFTokenizer
-
-        vocab = {t: i for i, t in enumerate(tokens)}
-        if len(vocab) != len(tokens):
-            raise Lav2Error("GGUF tokenizer: duplicate tokens in tokenizer.ggml.tokens")
-        pairs = []
-        for m in merges:
-            a, sep, b = m.partition(" ")
-            if not sep:
-                raise Lav2Error(f"GGUF tokenizer: bad merge {m!r} in tokenizer.ggml.merges")
-            pairs.append((a, b))
-        model = models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False)
-        tok = HFTokenizer(model)
-        pre = (pre or "default").lower()
-        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        if pre in _DIGITS_PRE:
-            tok.pre_tokenizer = pre_tokenizers.Sequence(
-                [pre_tokenizers.Digits(individual_digits=True), byte_level])
-        elif pre in ("llama-bpe", "llama3", "llama-v3", "dbrx", "smaug-bpe", "falcon3"):
-            tok.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(_LLAMA3_RE), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        elif pre in ("qwen2", "deepseek-r1-qwen"):
-            tok.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(_QWEN2_RE), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        elif pre in _GPT2_PRE:
-            tok.pre_tokenizer = byte_level
-        else:
-            raise Lav2Error(f"GGUF tokenizer: pre-tokenizer {pre!r} is not supported "
-                            f"(known: {', '.join(sorted(_DIGITS_PRE | _GPT2_PRE))}, llama-bpe, qwen2)")
-        tok.decoder = decoders.ByteLevel()
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
-        _add_typed_tokens(tok, tokens, token_types, AddedToken)
-        return cls(tok, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, add_bos=add_bos,
-                   chat_template=chat_template)
-
-    @classmethod
-    def from_gguf_spm(
-        cls,
-        tokens: list[str],
-        scores: list[float],
-        token_types: list[int] | None,
-        bos_id: int | None,
-        eos_id: int,
-        pad_id: int | None = None,
-        unk_id: int | None = 0,
-        *,
-        add_bos: bool = True,
-        add_space_prefix: bool = True,
-        chat_template: str | None = None,
-    ) -> "BPETokenizer":
-        """A llama.cpp "llama" (sentencepiece-style) vocabulary: BPE whose merges are ranked by the
-        score of the merged piece (llama.cpp's rule), byte fallback to <0xNN> pieces."""
-        from tokenizers import AddedToken, decoders, models, normalizers
-        from tokenizers import Tokenizer as HFTokenizer
-
-        vocab = {t: i for i, t in enumerate(tokens)}
-        types = list(token_types) if token_types is not None else [1] * len(tokens)
-        ranked = []
-        for t, i in vocab.items():
-            if types[i] != 1 or len(t) < 2:
-                continue
-            for k in range(1, len(t)):
-                a, b = t[:k], t[k:]
-                ia, ib = vocab.get(a), vocab.get(b)
-                if ia is not None and ib is not None and types[ia] == 1 and types[ib] == 1:
-                    ranked.append((-float(scores[i]), i, ia, ib, a, b))
-        ranked.sort()
-        unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None
-        model = models.BPE(vocab=vocab, merges=[(r[4], r[5]) for r in ranked], unk_token=unk,
-                           fuse_unk=True, byte_fallback=True)
-        tok = HFTokenizer(model)
-        norms = [normalizers.Prepend("\u2581")] if add_space_prefix else []
-        tok.normalizer = normalizers.Sequence(norms + [normalizers.Replace(" ", "\u2581")])
-        decs = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-        if add_space_prefix:
-            decs.append(decoders.Strip(" ", 1, 0))
-        tok.decoder = decoders.Sequence(decs)
-        _add_typed_tokens(tok, tokens, types, AddedToken)
-        return cls(tok, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, add_bos=add_bos,
-                   chat_template=chat_template)
-
     # serialisation ---------------------------------------------------------------------------
 
     def to_json(self) -> str:
@@ -378,6 +326,23 @@ class BPETokenizer:
         b.write_text(json.dumps(self.config_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         return [a, b]
 
+    def vocabulary(self) -> Vocabulary:
+        """The BPE model's tokens and merges; added tokens typed control (special) or user-defined."""
+        d = json.loads(self.to_json())
+        model = d["model"]
+        if model.get("type") != "BPE":
+            raise Lav2Error(f"tokenizer model {model.get('type')} is not BPE: no BPE vocabulary to list")
+        tokens = [""] * self.vocab_size
+        for t, i in model["vocab"].items():
+            tokens[i] = t
+        types = [1] * self.vocab_size
+        for a in d.get("added_tokens", []):
+            tokens[a["id"]] = a["content"]
+            types[a["id"]] = 3 if a.get("special") else 4
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+        return Vocabulary(model="bpe", tokens=tokens, types=types, merges=merges,
+                          pre_tokenizer=d.get("pre_tokenizer"))
+
     # the interface ---------------------------------------------------------------------------
 
     def token_to_id(self, token: str) -> int | None:
@@ -399,17 +364,6 @@ class BPETokenizer:
 
     def __repr__(self) -> str:
         return f"BPETokenizer(vocab_size={self.vocab_size}, eos={self.eos_id}, source={self.source})"
-
-
-def _add_typed_tokens(tok: Any, tokens: list[str], types: list[int] | None, AddedToken: Any) -> None:
-    if types is None:
-        return
-    special = [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t == 3]
-    user = [AddedToken(tokens[i], special=False, normalized=False) for i, t in enumerate(types) if t == 4]
-    if special:
-        tok.add_special_tokens(special)
-    if user:
-        tok.add_tokens(user)
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -473,9 +427,8 @@ def _template_near(d: Path) -> str | None:
     return None
 
 
-def tokenizer_uses_chatml(tok: Any) -> bool:
-    """Whether the model's chat template (or vocabulary) is ChatML (<|im_start|> ... <|im_end|>)."""
-    t = getattr(tok, "chat_template", None)
-    if t:
-        return "<|im_start|>" in t
-    return False
+def template_for(tokenizer: Tokenizer) -> str:
+    """The prompt template a model's own chat template implies: "chatml" when it is ChatML
+    (<|im_start|> ... <|im_end|>), else lav2's default "alpaca"."""
+    t = tokenizer.chat_template
+    return "chatml" if t and "<|im_start|>" in t else "alpaca"

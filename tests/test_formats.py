@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from lav2cli.errors import Lav2Error
-from lav2cli.formats import gguf as gguf_fmt, hf, meta
-from lav2cli.formats.base import expected_shapes, load_base, optional_shapes
+from lav2cli.formats import gguf as gguf_fmt, hf, load_base, meta
+from lav2cli.formats.base import expected_shapes, optional_shapes
 from lav2cli.model.config import LlamaConfig
 from lav2cli.tokenizer import (
     BPETokenizer,
@@ -253,6 +253,7 @@ def test_gguf_round_trip_spm(tmp_path, tiny_llama_config, spm_model_path):
         assert tok.decode(tok.encode(text)) == text
     assert tok.encode("a", bos=True)[0] == sp.bos_id == tok.bos_id
     bw2 = load_base(f, cache_dir=tmp_path / "cache")  # from the cache
+    assert not [p.name for p in (tmp_path / "cache" / "gguf").iterdir() if p.name.startswith(".")]  # no leftovers
     assert bw2.config == cfg
     assert_same(bw2.state_dict, sd)
     assert bw2.tokenizer.encode("the red circle") == sp.encode("the red circle")
@@ -349,6 +350,29 @@ def test_gguf_missing_tensor(tmp_path, tiny_llama_config, spm_model_path):
         gguf_fmt.load(f, cache_dir=tmp_path / "cache")
     msg = one_line(e)
     assert "bad.gguf" in msg and "blk.1.attn_v.weight missing" in msg
+
+
+# --- references ----------------------------------------------------------------------------
+
+
+def test_classify_and_open_a_base(tmp_path, tiny_llama_config, spm_model_path, monkeypatch):
+    from lav2cli import formats
+
+    hf.save(tmp_path / "hf", tiny_llama_config, make_state(tiny_llama_config), spm_model_path)
+    (tmp_path / "TINY.pth").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert formats.classify("hf") == ("base", Path("hf"))
+    assert formats.classify("TINY.pth")[0] == "official"
+    r = formats.open("hf")
+    assert (r.kind, r.base_ref, r.base.format, r.template) == ("base", str(tmp_path / "hf"), "hf", "alpaca")
+    assert r.adapter is None and r.adapter_tensors is None and r.files == r.base.files
+    with pytest.raises(Lav2Error) as e:
+        formats.open("TINY.pth")
+    assert one_line(e) == "TINY.pth: an official LLaMA-Adapter checkpoint needs --base (a Meta or HF LLaMA-7B directory)"
+    with pytest.raises(Lav2Error) as e:
+        formats.classify("no-such-model")
+    assert one_line(e) == ("unknown model reference 'no-such-model': not a known name "
+                           "(see `lav2 info --list`) and no such path")
 
 
 # --- tokenizers ----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from lav2cli import __version__
 from lav2cli.errors import Lav2Error
 from lav2cli.fileio import atomic_dir
+from lav2cli.formats.io import read_safetensors
 from lav2cli.model.config import AdapterConfig, LlamaConfig
 from lav2cli.model.vision import ImagePreprocess
 
@@ -73,8 +74,6 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    from lav2cli.formats import read_safetensors
-
     f = Path(path) / WEIGHTS
     tensors = read_safetensors(f)
     listed = read_meta(path).get("tensors")

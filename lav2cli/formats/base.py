@@ -1,4 +1,4 @@
-"""Which base-model layout is at PATH, and the tensor check shared by the three loaders.
+"""Base weights as every loader returns them (`BaseWeights`), and the tensor check the loaders share.
 
 Expected tensors (Meta names) follow from a `LlamaConfig`; optional `.bias` tensors of the
 seven linear layers (what `lav2 merge` writes when adapter biases are folded in) are accepted
@@ -9,6 +9,7 @@ with their shapes checked. Ignorable tensors (dropped silently): Meta's `rope.fr
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +17,7 @@ import torch
 
 from lav2cli.errors import Lav2Error
 from lav2cli.model.config import LINEAR_MODULES, LlamaConfig
+from lav2cli.tokenizer import Tokenizer
 
 # The dim Meta's model-parallel shards split each linear's weight on
 SPLIT_DIMS = {"wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w2": 1, "w3": 0}
@@ -23,6 +25,24 @@ SPLIT_DIMS = {"wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w2": 1, "w3": 0}
 LINEARS = {name: (module, SPLIT_DIMS[name]) for name, module in LINEAR_MODULES.items()}
 
 IGNORABLE = re.compile(r"^(rope\.freqs|.*rotary_emb\.inv_freq)$")
+
+
+@dataclass
+class BaseWeights:
+    """A frozen base LLaMA, in Meta tensor names and the Meta (interleaved) RoPE layout.
+
+    state_dict keys: tok_embeddings.weight, norm.weight, output.weight (absent when
+    config.tie_embeddings), layers.{i}.attention.{wq,wk,wv,wo}.weight,
+    layers.{i}.feed_forward.{w1,w2,w3}.weight, layers.{i}.{attention_norm,ffn_norm}.weight.
+    """
+
+    config: LlamaConfig
+    state_dict: dict[str, torch.Tensor]
+    tokenizer: Tokenizer
+    template: str  # "alpaca" or "chatml"
+    source: Path
+    format: str  # "meta", "hf", "gguf", or "merged-<layout>" for a `lav2 merge` directory
+    files: list[Path] = field(default_factory=list)
 
 
 def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -113,31 +133,3 @@ def check_state_dict(
         if IGNORABLE.match(k):
             continue
         raise Lav2Error(f"{loc(k)}: unexpected tensor {nm(k)} (not part of a LLaMA with {cfg})")
-
-
-def load_base(path: str | Path, cache_dir: str | Path | None = None):
-    """Load base weights from a .gguf file, a Meta directory (params.json + consolidated.*.pth,
-    or a folder with one such model subfolder) or a Hugging Face directory (config.json +
-    *.safetensors / pytorch_model*.bin). Named models (registry) are resolved first."""
-    from lav2cli.formats import gguf, hf, meta
-
-    p = Path(path).expanduser()
-    if not p.exists():
-        from lav2cli.registry import resolve_named
-
-        named = resolve_named(str(path))
-        if named is None:
-            raise Lav2Error(f"{path}: no such file or directory (and not a known model name)")
-        p = named
-    if gguf.detect(p):
-        return gguf.load(p, cache_dir=cache_dir)
-    if meta.detect(p):
-        return meta.load(p)
-    if hf.detect(p):
-        return hf.load(p)
-    if p.is_file():
-        raise Lav2Error(f"{p}: not a LLaMA weights file (expected a .gguf file or a model directory)")
-    raise Lav2Error(
-        f"{p}: no LLaMA weights found (expected a .gguf file, params.json + consolidated.*.pth, "
-        f"or config.json + *.safetensors / pytorch_model*.bin)"
-    )

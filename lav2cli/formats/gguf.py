@@ -11,7 +11,7 @@ Cache (first load converts, later loads read only the cache):
     <cache>/gguf/keys/<sha1 of "abs path|size|mtime_ns">.json -> {"sha256": ...}
 The entry is content-addressed (copies of one file share it); the small key file remembers the
 hash of a (path, size, mtime) so a second load neither hashes nor parses the GGUF. Entries are
-written to a temporary folder and renamed into place. Tensors are stored as float32 (exact
+written atomically (fileio.atomic_dir). Tensors are stored as float32 (exact
 dequantised values). <cache> = $LAV2_CACHE, else $XDG_CACHE_HOME/lav2, else ~/.cache/lav2.
 """
 
@@ -21,8 +21,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -32,10 +30,11 @@ import numpy as np
 import torch
 
 from lav2cli.errors import Lav2Error
-from lav2cli.fileio import atomic_file, cache_root, sha256_file
-from lav2cli.formats import BaseWeights
-from lav2cli.formats.base import check_state_dict
+from lav2cli.fileio import atomic_dir, atomic_file, cache_root, sha256_file
+from lav2cli.formats import gguf_tokenizer
+from lav2cli.formats.base import BaseWeights, check_state_dict
 from lav2cli.model.config import LlamaConfig
+from lav2cli.tokenizer import BPETokenizer, Tokenizer, template_for
 
 CACHE_VERSION = 1
 _MAGIC = b"GGUF"
@@ -145,45 +144,7 @@ def _f32(v: Any) -> float:
     return float(repr(np.float32(v)).removeprefix("np.float32(").removesuffix(")"))
 
 
-def _tokenizer(md: dict[str, Any], where: Path):
-    from lav2cli.tokenizer import BPETokenizer
-
-    model = md.get("tokenizer.ggml.model")
-    tokens = md.get("tokenizer.ggml.tokens")
-    if not tokens:
-        raise Lav2Error(f"{where}: no tokenizer in the GGUF (tokenizer.ggml.tokens missing)")
-    types = md.get("tokenizer.ggml.token_type")
-    eos = md.get("tokenizer.ggml.eos_token_id")
-    if eos is None:
-        raise Lav2Error(f"{where}: GGUF metadata tokenizer.ggml.eos_token_id missing")
-    bos = md.get("tokenizer.ggml.bos_token_id")
-    pad = md.get("tokenizer.ggml.padding_token_id")
-    tmpl = md.get("tokenizer.chat_template")
-    if model == "gpt2":
-        merges = md.get("tokenizer.ggml.merges")
-        if merges is None:
-            raise Lav2Error(f"{where}: GGUF metadata tokenizer.ggml.merges missing")
-        return BPETokenizer.from_gguf_metadata(
-            list(tokens), list(merges), list(types) if types is not None else None, bos, eos, pad,
-            md.get("tokenizer.ggml.pre"), add_bos=bool(md.get("tokenizer.ggml.add_bos_token", False)),
-            chat_template=tmpl)
-    if model == "llama":
-        scores = md.get("tokenizer.ggml.scores")
-        if scores is None:
-            raise Lav2Error(f"{where}: GGUF metadata tokenizer.ggml.scores missing")
-        return BPETokenizer.from_gguf_spm(
-            list(tokens), list(scores), list(types) if types is not None else None, bos, eos, pad,
-            md.get("tokenizer.ggml.unknown_token_id", 0),
-            add_bos=bool(md.get("tokenizer.ggml.add_bos_token", True)),
-            add_space_prefix=bool(md.get("tokenizer.ggml.add_space_prefix", True)), chat_template=tmpl)
-    raise Lav2Error(f"{where}: GGUF tokenizer model {model!r} is not supported (expected 'gpt2' or 'llama')")
-
-
-def _template(chat_template: str | None) -> str:
-    return "chatml" if chat_template and "<|im_start|>" in chat_template else "alpaca"
-
-
-def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor], Any, dict[str, Any]]:
+def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor], BPETokenizer, dict[str, Any]]:
     """Parse and dequantise: (config, Meta state dict in float32, tokenizer, summary)."""
     import gguf
 
@@ -192,7 +153,7 @@ def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor], Any, di
     except Exception as e:
         raise Lav2Error(f"{path}: not a readable GGUF file ({str(e).splitlines()[0] if str(e) else e!r})") from None
     md = _fields(reader)
-    tokenizer = _tokenizer(md, path)
+    tokenizer = gguf_tokenizer.from_metadata(md, path)
     config = _config(md, len(md["tokenizer.ggml.tokens"]), path)
     state: dict[str, torch.Tensor] = {}
     gname: dict[str, str] = {}
@@ -220,7 +181,7 @@ def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor], Any, di
         "name": md.get("general.name"),
         "architecture": md.get("general.architecture"),
         "tensor_types": qtypes,
-        "template": _template(md.get("tokenizer.chat_template")),
+        "template": template_for(tokenizer),
     }
     del reader
     return config, state, tokenizer, summary
@@ -241,8 +202,6 @@ def _entry_ok(entry: Path) -> bool:
 def _load_entry(entry: Path, source: Path) -> BaseWeights:
     from safetensors.torch import load_file
 
-    from lav2cli.tokenizer import BPETokenizer
-
     meta = json.loads((entry / "meta.json").read_text())
     config = LlamaConfig.from_dict(json.loads((entry / "config.json").read_text()))
     state = load_file(str(entry / "model.safetensors"))
@@ -251,28 +210,22 @@ def _load_entry(entry: Path, source: Path) -> BaseWeights:
                        source=source, format="gguf", files=[source, entry / "model.safetensors"])
 
 
-def _write_entry(root: Path, entry: Path, config: LlamaConfig, state: dict[str, torch.Tensor],
-                 tokenizer: Any, meta: dict[str, Any]) -> None:
+def _write_entry(entry: Path, config: LlamaConfig, state: dict[str, torch.Tensor],
+                 tokenizer: Tokenizer, meta: dict[str, Any]) -> None:
+    """Write a cache entry atomically (a stale one, of an older cache version or incomplete, is
+    replaced); a concurrent writer that finished first is as good."""
     from safetensors.torch import save_file
 
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        tokenizer.save(tmp)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if entry.exists():  # stale (older cache version or incomplete): replace it
-            shutil.rmtree(entry, ignore_errors=True)
-        try:
-            os.rename(tmp, entry)
-        except OSError:
-            if not _entry_ok(entry):  # not a concurrent writer that won the race
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(entry) as tmp:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+                      metadata={"format": "pt"})
+            (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+            tokenizer.save(tmp)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    except OSError:
+        if not _entry_ok(entry):
+            raise
 
 
 def load(path: str | Path, cache_dir: str | Path | None = None) -> BaseWeights:
@@ -299,7 +252,7 @@ def load(path: str | Path, cache_dir: str | Path | None = None) -> BaseWeights:
     meta = {"cache_version": CACHE_VERSION, "sha256": sha, "source": str(p), "size": st.st_size,
             "dtype": "float32", "convert_seconds": round(time.perf_counter() - t0, 2), **summary}
     try:
-        _write_entry(root, entry, config, state, tokenizer, meta)
+        _write_entry(entry, config, state, tokenizer, meta)
         _remember(key, p, st, sha)
         files = [p, entry / "model.safetensors"]
     except OSError as e:
@@ -321,17 +274,15 @@ def save(
     path: str | Path,
     config: LlamaConfig,
     state_dict: dict[str, torch.Tensor],
-    tokenizer: Any = None,
+    tokenizer: Tokenizer | None = None,
     *,
     chat_template: str | None = None,
     name: str = "lav2",
 ) -> Path:
     """Write a GGUF file (architecture llama, F32 tensors in Meta's interleaved layout as
-    llama.cpp does). `tokenizer`: a BPETokenizer (byte-level: written as a "gpt2" vocabulary) or a
-    SentencePieceTokenizer (written as a "llama" vocabulary), or None (no tokenizer section)."""
+    llama.cpp does). `tokenizer`: byte-level BPE is written as a "gpt2" vocabulary, sentencepiece
+    as a "llama" one (gguf_tokenizer.write); None writes no tokenizer section."""
     import gguf
-
-    from lav2cli.tokenizer import BPETokenizer, SentencePieceTokenizer
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -349,51 +300,8 @@ def save(
     w.add_vocab_size(config.vocab_size)
     w.add_file_type(0)  # ALL_F32
     template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
-    if isinstance(tokenizer, BPETokenizer):
-        d = json.loads(tokenizer.to_json())
-        model = d["model"]
-        if model.get("type") != "BPE":
-            raise Lav2Error(f"GGUF writer: tokenizer model {model.get('type')} is not BPE")
-        n = tokenizer.vocab_size
-        tokens = [""] * n
-        for t, i in model["vocab"].items():
-            tokens[i] = t
-        types = [1] * n
-        for a in d.get("added_tokens", []):
-            tokens[a["id"]] = a["content"]
-            types[a["id"]] = 3 if a.get("special") else 4
-        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(_pre_name(d))
-        w.add_token_list(tokens)
-        w.add_token_types(types)
-        w.add_token_merges(merges)
-        w.add_add_bos_token(tokenizer.add_bos)
-    elif isinstance(tokenizer, SentencePieceTokenizer):
-        sp = tokenizer.sp
-        n = tokenizer.vocab_size
-        tokens = [sp.id_to_piece(i) for i in range(n)]
-        scores = [float(sp.get_score(i)) for i in range(n)]
-        types = []
-        for i in range(n):
-            types.append(2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i)
-                         else 5 if sp.is_unused(i) else 1)
-        w.add_tokenizer_model("llama")
-        w.add_tokenizer_pre("default")
-        w.add_token_list(tokens)
-        w.add_token_scores(scores)
-        w.add_token_types(types)
-        if sp.unk_id() >= 0:
-            w.add_unk_token_id(sp.unk_id())
-        w.add_add_bos_token(tokenizer.add_bos)
-        w.add_add_space_prefix(True)
-    elif tokenizer is not None:
-        raise Lav2Error(f"GGUF writer: cannot write a tokenizer of type {type(tokenizer).__name__}")
     if tokenizer is not None:
-        if tokenizer.bos_id is not None:
-            w.add_bos_token_id(tokenizer.bos_id)
-        w.add_eos_token_id(tokenizer.eos_id)
-        w.add_pad_token_id(tokenizer.pad_id)
+        gguf_tokenizer.write(w, tokenizer)
     if template:
         w.add_chat_template(template)
     for k, v in state_dict.items():
@@ -405,13 +313,3 @@ def save(
     w.write_tensors_to_file()
     w.close()
     return p
-
-
-def _pre_name(tokenizer_json: dict[str, Any]) -> str:
-    """llama.cpp's pre-tokenizer name for a byte-level tokenizer.json (digits split -> smollm)."""
-    pre = json.dumps(tokenizer_json.get("pre_tokenizer"))
-    if '"Digits"' in pre:
-        return "smollm"
-    if "\\p{N}{1,3}" in pre:
-        return "llama-bpe"
-    return "gpt-2"

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 
 from lav2cli.errors import Lav2Error
-from lav2cli.formats import BaseWeights
-from lav2cli.formats.base import IGNORABLE, check_state_dict
+from lav2cli.formats.base import IGNORABLE, BaseWeights, check_state_dict
+from lav2cli.formats.io import read_tensors
 from lav2cli.model.config import LlamaConfig
+from lav2cli.tokenizer import Tokenizer, load_tokenizer, template_for
 
 _LAYER = {
     "self_attn.q_proj": "attention.wq",
@@ -107,12 +108,6 @@ def detect(path: str | Path) -> bool:
         return True
 
 
-def _read_tensors(f: Path) -> dict[str, torch.Tensor]:
-    from lav2cli.formats import read_safetensors, read_state_dict
-
-    return read_safetensors(f) if f.suffix == ".safetensors" else read_state_dict(f)
-
-
 def config_from_hf(cfg: dict[str, Any], where: Path) -> LlamaConfig:
     mt = cfg.get("model_type")
     if mt not in (None, "llama"):
@@ -147,14 +142,7 @@ def config_from_hf(cfg: dict[str, Any], where: Path) -> LlamaConfig:
     return c
 
 
-def _template_for(tokenizer: Any) -> str:
-    t = getattr(tokenizer, "chat_template", None)
-    return "chatml" if t and "<|im_start|>" in t else "alpaca"
-
-
 def load(path: str | Path) -> BaseWeights:
-    from lav2cli.tokenizer import load_tokenizer
-
     d = Path(path)
     cfg_file = d / "config.json"
     if not cfg_file.is_file():
@@ -172,7 +160,7 @@ def load(path: str | Path) -> BaseWeights:
     origin: dict[str, Path] = {}
     hf_name: dict[str, str] = {}
     for f in files:
-        for k, v in _read_tensors(f).items():
+        for k, v in read_tensors(f).items():
             if IGNORABLE.match(k):
                 continue
             m = hf_to_meta_name(k)
@@ -198,11 +186,12 @@ def load(path: str | Path) -> BaseWeights:
     if tokenizer.vocab_size > config.vocab_size:
         raise Lav2Error(f"{d}: tokenizer has {tokenizer.vocab_size} tokens, config.json vocab_size "
                         f"only {config.vocab_size}")
-    return BaseWeights(config=config, state_dict=state, tokenizer=tokenizer, template=_template_for(tokenizer),
+    return BaseWeights(config=config, state_dict=state, tokenizer=tokenizer, template=template_for(tokenizer),
                        source=d, format="hf", files=[cfg_file, *files])
 
 
-def hf_config(config: LlamaConfig, state_dict: dict[str, torch.Tensor], tokenizer: Any = None) -> dict[str, Any]:
+def hf_config(config: LlamaConfig, state_dict: dict[str, torch.Tensor],
+              tokenizer: Tokenizer | None = None) -> dict[str, Any]:
     c = config
     attn_bias = any(re.match(r"^layers\.\d+\.attention\.w[qkvo]\.bias$", k) for k in state_dict)
     mlp_bias = any(re.match(r"^layers\.\d+\.feed_forward\.w[123]\.bias$", k) for k in state_dict)
@@ -239,7 +228,7 @@ def save(
     out_dir: str | Path,
     config: LlamaConfig,
     state_dict: dict[str, torch.Tensor],
-    tokenizer: Any = None,
+    tokenizer: Tokenizer | str | Path | None = None,
     max_shard_bytes: int = 2 * 1024**3,
 ) -> list[Path]:
     """Write an HF Llama checkpoint: config.json, model.safetensors (or model-0000i-of-0000n
@@ -256,8 +245,6 @@ def save(
     if config.tie_embeddings:
         sd.pop("output.weight", None)
     if isinstance(tokenizer, (str, Path)):
-        from lav2cli.tokenizer import load_tokenizer
-
         tokenizer = load_tokenizer(tokenizer)
     cfg = hf_config(config, sd, tokenizer)
     groups = {"attention": ("wq", "wk", "wv", "wo"), "feed_forward": ("w1", "w2", "w3")}
@@ -310,35 +297,6 @@ def save(
     cf = out / "config.json"
     cf.write_text(json.dumps(cfg, indent=2) + "\n")
     written.append(cf)
-    written += _save_tokenizer(out, tokenizer)
+    if tokenizer is not None:
+        written += tokenizer.save(out)
     return written
-
-
-def _save_tokenizer(out: Path, tokenizer: Any) -> list[Path]:
-    import shutil
-
-    from lav2cli.tokenizer import BPETokenizer, SentencePieceTokenizer, load_tokenizer
-
-    if tokenizer is None:
-        return []
-    if isinstance(tokenizer, (str, Path)):
-        tokenizer = load_tokenizer(tokenizer)
-    if isinstance(tokenizer, BPETokenizer):
-        return tokenizer.save(out)
-    if isinstance(tokenizer, SentencePieceTokenizer):
-        t = out / "tokenizer.model"
-        if tokenizer.path.resolve() != t.resolve():
-            shutil.copyfile(tokenizer.path, t)
-        tc: dict[str, Any] = {
-            "tokenizer_class": "LlamaTokenizer",
-            "bos_token": tokenizer.id_to_token(tokenizer.bos_id) if tokenizer.bos_id is not None else None,
-            "eos_token": tokenizer.id_to_token(tokenizer.eos_id),
-            "add_bos_token": tokenizer.add_bos,
-            "add_eos_token": False,
-        }
-        if tokenizer.chat_template:
-            tc["chat_template"] = tokenizer.chat_template
-        f = out / "tokenizer_config.json"
-        f.write_text(json.dumps(tc, indent=2) + "\n")
-        return [t, f]
-    raise Lav2Error(f"cannot save tokenizer of type {type(tokenizer).__name__}")

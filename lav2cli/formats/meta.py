@@ -18,15 +18,17 @@ from pathlib import Path
 import torch
 
 from lav2cli.errors import Lav2Error
-from lav2cli.formats import BaseWeights, read_state_dict
 from lav2cli.formats.base import (
+    BaseWeights,
     check_state_dict,
     drop_ignorable,
     expected_shapes,
     optional_shapes,
     split_dim,
 )
+from lav2cli.formats.io import read_state_dict
 from lav2cli.model.config import LlamaConfig
+from lav2cli.tokenizer import SentencePieceTokenizer
 
 _SHARD = re.compile(r"^consolidated\.(\d+)\.pth$")
 
@@ -74,8 +76,6 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None)
 
 
 def load(path: str | Path) -> BaseWeights:
-    from lav2cli.tokenizer import SentencePieceTokenizer
-
     p = Path(path)
     d = _model_dir(p)
     if d is None:

@@ -1,4 +1,4 @@
-"""The released LLaMA-Adapter V2 checkpoints (BIAS-7B, LORA-BIAS-7B, CAPTION-7B, ...), spec 3.
+"""The released LLaMA-Adapter V2 checkpoints (BIAS-7B, LORA-BIAS-7B, CAPTION-7B, ...).
 
 A pickled dict {"model": {name: tensor}, "config": {"w_bias", "w_lora", "lora_rank"}}, read
 with torch.load(weights_only=True) only. The adapter shapes are inferred from the tensors;
@@ -15,7 +15,7 @@ import torch
 
 from lav2cli.errors import Lav2Error
 from lav2cli.fileio import sha256_file
-from lav2cli.formats import read_checkpoint
+from lav2cli.formats.io import read_checkpoint
 from lav2cli.model.config import AdapterConfig, VisualConfig
 
 _SHA_PREFIX = re.compile(r"^([0-9a-f]{64})_")
@@ -34,8 +34,8 @@ def verify_sha256(path: Path) -> None:
         raise Lav2Error(f"{path}: SHA-256 does not match the one in its file name (corrupt or truncated download)")
 
 
-def load(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tensor], dict]:
-    """(adapter config, adapter tensors under lav2/official names, file config)."""
+def load(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """(adapter config, adapter tensors under lav2/official names)."""
     path = Path(path)
     if not path.is_file():
         raise Lav2Error(f"{path}: file not found")
@@ -71,4 +71,4 @@ def load(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tensor], dict
     L = rows // prompt_len
     cfg = AdapterConfig(variant="official", prompt_len=prompt_len, prompt_layers=L, bias=w_bias, scale=False,
                         lora_rank=rank, new_gate=w_lora, fusion_layers=L, visual=visual, text_only_zero_image=True)
-    return cfg, sd, {"w_bias": w_bias, "w_lora": w_lora, "lora_rank": rank}
+    return cfg, sd
