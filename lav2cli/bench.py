@@ -251,7 +251,7 @@ def bench_train(shape: str, batch: int, seq: int, grad_ckpt: bool, compile: bool
     name, peak_flops, _ = device_peaks(device)
     return {
         "bench": "train", "shape": shape, "variant": variant, "lora_rank": lora_rank, "batch": batch, "seq": seq,
-        "grad_ckpt": model.llama.grad_checkpointing, "checkpointed_blocks": model.llama.checkpoint_blocks,
+        "grad_ckpt": model.llama.checkpoint_blocks > 0, "checkpointed_blocks": model.llama.checkpoint_blocks,
         "compile": compile, "steps": steps, "loss": round(float(loss), 4),
         "tokens_per_s": round(tok_s, 1), "model_tflop_s": round(flops / 1e12, 1),
         "mfu": round(flops / peak_flops, 3) if peak_flops else None,

@@ -125,18 +125,20 @@ def assemble(cfg: LlamaConfig, adapter: AdapterConfig | None, base: BaseWeights,
         raise Lav2Error(f"{base.source}: base tensor {missing_base[0].removeprefix('llama.')} is missing"
                         + (f" (and {len(missing_base) - 1} more)" if len(missing_base) > 1 else ""))
     if adapter_sd is not None:
+        # the file's names are the released ones: checked as such, then mapped to the model's
+        released = model.adapter_state_dict()  # meta tensors: names and shapes only
         for k, t in adapter_sd.items():
-            if k not in expected or not is_adapter_param(k):
+            if k not in released:
                 raise Lav2Error(f"{adapter_file}: tensor {k} has no place in the model "
                                 f"(variant {adapter.variant if adapter else 'none'})")
-            if tuple(t.shape) != tuple(expected[k]):
-                raise Lav2Error(f"{adapter_file}: tensor {k} has shape {tuple(t.shape)}, the model needs {tuple(expected[k])}")
-            filled[k] = t.float()
+            if tuple(t.shape) != tuple(released[k].shape):
+                raise Lav2Error(f"{adapter_file}: tensor {k} has shape {tuple(t.shape)}, the model needs {tuple(released[k].shape)}")
         if strict_adapter:
-            lacking = [n for n in expected if is_adapter_param(n) and n not in adapter_sd]
+            lacking = [n for n in released if n not in adapter_sd]
             if lacking:
                 raise Lav2Error(f"{adapter_file}: adapter tensor {lacking[0]} is missing"
                                 + (f" (and {len(lacking) - 1} more)" if len(lacking) > 1 else ""))
+        filled.update({k: t.float() for k, t in model.from_released(adapter_sd).items()})
     model.load_state_dict(filled, strict=False, assign=True)
     for mname, module in model.named_modules():
         for pname, p in list(module.named_parameters(recurse=False)):
@@ -197,9 +199,9 @@ class Engine:
                      tensors: dict[str, torch.Tensor] | None = None,
                      extra_files: dict[str, bytes] | None = None, self_caption: bool | None = None) -> Path:
         """Write the adapter as a lav2 artifact (atomic): its tensors (default: all adapter
-        tensors) and everything needed to rebuild the model around them. `self_caption` (default:
-        as loaded) records that the model was trained to caption an image first and answer with
-        its caption as context; `ask` and `eval` then do so."""
+        tensors; saved under the released names) and everything needed to rebuild the model
+        around them. `self_caption` (default: as loaded) records that the model was trained to
+        caption an image first and answer with its caption as context; `ask` and `eval` then do so."""
         c = self.config
         if c.adapter is None:
             raise Lav2Error(f"{c.ref}: a base model has no adapter to save")
@@ -207,8 +209,8 @@ class Engine:
             c.adapter, base_ref=c.base_ref, base_format=c.base_format, llama=c.llama, encoder=c.encoder,
             preprocess=c.preprocess, template=c.template, training=training or c.meta.get("training"),
             self_caption=bool(c.meta.get("self_caption")) if self_caption is None else self_caption)
-        return artifact.save(out_dir, tensors if tensors is not None else self.model.adapter_state_dict(), meta,
-                             extra_files=extra_files)
+        tensors = self.model.to_released(tensors) if tensors is not None else self.model.adapter_state_dict()
+        return artifact.save(out_dir, tensors, meta, extra_files=extra_files)
 
     def generate(self, prompts: list[list[int]], images: torch.Tensor | None = None,
                  image_mask: torch.Tensor | None = None, sampling=None, on_token=None,

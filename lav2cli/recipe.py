@@ -16,7 +16,12 @@ from typing import Any, get_type_hints
 from lav2cli.errors import Lav2Error
 from lav2cli.model.config import AdapterConfig, VisualConfig
 
-STAGES = ("pretrain", "finetune", "joint")
+# the record streams (data.image_text, data.instruction) each stage trains on; each stream
+# trains its own group of adapter tensors, of the same name
+STAGE_STREAMS: dict[str, tuple[str, ...]] = {
+    "pretrain": ("image_text",), "finetune": ("instruction",), "joint": ("image_text", "instruction"),
+}
+STAGES = tuple(STAGE_STREAMS)
 
 
 @dataclass
@@ -208,8 +213,7 @@ def validate(r: Recipe) -> None:
         raise Lav2Error(f"data.image_text_ratio must be in [0, 1], got {d.image_text_ratio}")
     if len(t.betas) != 2:
         raise Lav2Error(f"train.betas: expected two numbers, got {t.betas}")
-    needs = {"pretrain": ["image_text"], "finetune": ["instruction"], "joint": ["image_text", "instruction"]}[t.stage]
-    for stream in needs:
+    for stream in STAGE_STREAMS[t.stage]:
         if not getattr(d, stream):
             raise Lav2Error(f"stage {t.stage} needs data.{stream} (a records file)")
         if not Path(getattr(d, stream)).is_file():

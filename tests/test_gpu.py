@@ -49,7 +49,7 @@ def test_bf16_training_lowers_loss(base_dir, tmp_path):
         out = tmp_path / f"run-{compile_blocks}"
         out.mkdir()
         trainer = Trainer(recipe, out, resume=False, log=lambda m: None, show_progress=False)
-        assert trainer.bf16 and trainer.model.llama.grad_checkpointing  # the CUDA defaults
+        assert trainer.bf16 and trainer.model.llama.checkpoint_blocks == trainer.model.config.n_layers  # the CUDA defaults
         assert trainer.model.llama.layers[0].attention.wq.weight.dtype == torch.bfloat16
         assert all(p.dtype == torch.float32 for p in trainer.params.values())
         trainer.run()

@@ -262,6 +262,32 @@ def test_official_tensor_names():
     assert {"llama.layers.0.attention.wk.bias", "llama.layers.0.attention.wk.scale"} <= pn
 
 
+@pytest.mark.parametrize("fusion, layers", [(1, 2), (0, 2), (2, 2), (0, 0)],
+                         ids=["split", "no-fusion", "all-fusion", "no-prompts"])
+def test_prompt_rows_are_two_tensors_saved_as_the_released_one(fusion, layers):
+    """The model keeps the fusion layers' prompt rows and the others' apart, an empty part being
+    no tensor; files hold them as the one adapter_query.weight [L*K, dim], fusion rows first
+    (as [0, dim] without prompt layers), and read back into the same two; layer i's prompt is
+    row block i of the released tensor."""
+    _, model = adapted("paper", prompt_layers=layers, fusion_layers=fusion)
+    K, dim = model.adapter.prompt_len, TINY.dim
+    parts = {n: p for n, p in model.named_parameters() if n.startswith("adapter_query")}
+    assert {n: tuple(p.shape) for n, p in parts.items()} == {
+        n: (rows * K, dim) for n, rows in (("adapter_query_fusion.weight", fusion),
+                                           ("adapter_query_late.weight", layers - fusion)) if rows}
+    sd = model.adapter_state_dict()
+    whole = sd["adapter_query.weight"]
+    assert whole.shape == (layers * K, dim) and not set(parts) & set(sd)
+    assert set(model.from_released(sd)) == {n for n, _ in model.named_parameters() if is_adapter_param(n)}
+    assert all(torch.equal(model.from_released(sd)[n], p) for n, p in parts.items())
+    prompts = model.prompts()
+    if layers == 0:
+        assert prompts is None
+        return
+    for i in range(layers):
+        assert torch.equal(prompts[TINY.n_layers - layers + i][0], whole[i * K:(i + 1) * K])
+
+
 def test_only_adapter_parameters_get_gradients():
     _, model = adapted("paper", lora=4)
     model.freeze_base()
@@ -338,7 +364,7 @@ def test_checkpointing_some_blocks_keeps_gradients_and_keeps_fewer_activations()
         kept[n] = sum(storages.values())
         grads[n] = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     assert kept[0] > kept[1] > kept[TINY.n_layers], kept
-    assert model.llama.grad_checkpointing and len(grads[0]) > 20
+    assert model.llama.checkpoint_blocks == TINY.n_layers and len(grads[0]) > 20
     for n in (1, TINY.n_layers):
         assert grads[n].keys() == grads[0].keys()
         assert all(torch.allclose(grads[n][k], grads[0][k], atol=1e-6) for k in grads[0]), n

@@ -4,9 +4,12 @@
 - AdaptedAttention / AdaptedFeedForward: swap their linears for AdaptedLinear, own the LoRA
   pairs (official names `lora_wq_l1`, ...), and (attention) the per-head gate and the
   separate-softmax attention over adaption prompts.
-- LlamaAdapterV2: the whole model: `llama` (the adapted transformer), `adapter_query`,
-  and the visual branch (`clip` encoder, `clip_proj`, `visual_query`, `visual_blocks`,
-  `visual_proj`), tensor names exactly those of the released checkpoints.
+- LlamaAdapterV2: the whole model: `llama` (the adapted transformer), the adaption prompts
+  (`adapter_query_fusion`, `adapter_query_late`) and the visual branch (`clip` encoder,
+  `clip_proj`, `visual_query`, `visual_blocks`, `visual_proj`). Tensor names are those of the
+  released checkpoints, but for the prompts: the model keeps the fusion layers' rows and the
+  other layers' rows apart (they train in different groups), files hold them as the one
+  released `adapter_query.weight` (`to_released` / `from_released` map the names).
 
 `param_role(name)` is the one rule that decides what each tensor is: trainable and saved or
 frozen, its training group, whether merge folds it, its initial value.
@@ -39,10 +42,14 @@ _ROLE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple((role, re.compil
     ("prompt_lora", r"^llama\.layers\.\d+\.attention\.prompt_lora_w[kv]_l[12]\.weight$"),
     ("gate", r"^llama\.layers\.\d+\.attention\.gate$"),
     ("new_gate", r"^llama\.layers\.\d+\.attention\.new_gate$"),
-    ("prompt", r"^adapter_query\."),
+    ("prompt", r"^adapter_query(_fusion|_late)?\.weight$"),  # the model's two parts, the released whole
     ("visual", r"^(clip_proj|clip_proj_norm|visual_query|visual_blocks\.\d+\.[\w.]+|visual_proj|visual_proj_norm)\.(weight|bias)$"),
 ))
 ROLES = tuple(role for role, _ in _ROLE_PATTERNS)
+RELEASED_PROMPTS = "adapter_query.weight"  # files: every prompt layer's rows, the fusion layers' first
+FUSION_PROMPTS = "adapter_query_fusion.weight"  # the model: the fusion layers' rows,
+LATE_PROMPTS = "adapter_query_late.weight"  # and the other prompt layers' rows
+PROMPT_PARTS = (FUSION_PROMPTS, LATE_PROMPTS)
 FROZEN_ROLES = frozenset({"encoder", "base"})
 FOLDED_ROLES = frozenset({"norm", "bias", "scale", "lora", "prompt_lora"})  # `lav2 merge` folds these
 
@@ -199,7 +206,11 @@ class LlamaAdapterV2(nn.Module):
             return Block(c, i, AdaptedAttention(c, i, a), AdaptedFeedForward(c, i, a))
 
         self.llama = Transformer(config, make_block)
-        self.adapter_query = nn.Embedding(a.prompt_layers * a.prompt_len, config.dim)
+        # the prompts of the fusion layers (the first prompt layers, which add the visual tokens)
+        # and of the others; an empty part is no parameter
+        fusion_rows, late_rows = a.fusion_layers * a.prompt_len, (a.prompt_layers - a.fusion_layers) * a.prompt_len
+        self.adapter_query_fusion = nn.Embedding(fusion_rows, config.dim) if fusion_rows else None
+        self.adapter_query_late = nn.Embedding(late_rows, config.dim) if late_rows else None
         v = a.visual
         if v is not None:
             if v.n_queries != a.prompt_len:
@@ -220,9 +231,10 @@ class LlamaAdapterV2(nn.Module):
         return self.adapter is not None and self.adapter.visual is not None
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every adapter tensor under its released name (what an adapter file holds)."""
         if self.folded_for_inference:
             raise RuntimeError("this model's scales were folded for inference: its adapter tensors are no longer the trained ones")
-        return {n: p.detach() for n, p in self.named_parameters() if is_adapter_param(n)}
+        return self.to_released({n: p.detach() for n, p in self.named_parameters() if is_adapter_param(n)})
 
     def freeze_base(self) -> None:
         for n, p in self.named_parameters():
@@ -289,6 +301,43 @@ class LlamaAdapterV2(nn.Module):
 
     # -- prompts ----------------------------------------------------------------------------
 
+    def to_released(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`tensors` under the released names: the two prompt parts become `adapter_query.weight`
+        [prompt_layers * prompt_len, dim], the fusion layers' rows first, wherever `tensors`
+        holds a part (a part it lacks is the model's current one). A model without prompt layers
+        writes it as [0, dim], the one tensor's shape then. Other names, released ones too, pass."""
+        present = [n for n in PROMPT_PARTS if n in tensors]
+        if not present:
+            if self.adapter is None or self._prompt_parts() or RELEASED_PROMPTS in tensors:
+                return dict(tensors)
+            return {**tensors, RELEASED_PROMPTS: torch.empty(0, self.config.dim)}
+        device = tensors[present[0]].device
+        whole = torch.cat([tensors[n] if n in tensors else self.get_parameter(n).detach().to(device)
+                           for n in self._prompt_parts()])
+        out: dict[str, torch.Tensor] = {}
+        for n, t in tensors.items():  # the whole takes the place of its first part
+            if n == present[0]:
+                out[RELEASED_PROMPTS] = whole
+            elif n not in PROMPT_PARTS:
+                out[n] = t
+        return out
+
+    def from_released(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`tensors` under the model's names: `adapter_query.weight` is cut into the fusion
+        layers' rows and the other layers' rows (an empty part is left out). Its shape is the
+        caller's to check. Other names pass."""
+        out = {n: t for n, t in tensors.items() if n != RELEASED_PROMPTS}
+        if RELEASED_PROMPTS in tensors:
+            whole, first = tensors[RELEASED_PROMPTS], self.adapter.fusion_layers * self.adapter.prompt_len
+            for name, rows in zip(PROMPT_PARTS, (whole[:first], whole[first:])):
+                if rows.shape[0]:
+                    out[name] = rows
+        return out
+
+    def _prompt_parts(self) -> list[str]:
+        """The names of the prompt parts this model has, in row order."""
+        return [n for n in PROMPT_PARTS if getattr(self, n.removesuffix(".weight"), None) is not None]
+
     def prompts(self, images: torch.Tensor | None = None, image_mask: torch.Tensor | None = None) -> list | None:
         """Per-layer adaption prompts [B, K, dim] (None for layers without prompts): the static
         prompt of each layer, plus the visual tokens in the fusion layers. Without images they
@@ -300,7 +349,8 @@ class LlamaAdapterV2(nn.Module):
         if images is None and a.text_only_zero_image and self.has_visual and getattr(self, "clip", None) is not None:
             images = self._zero_image()
         vis = self.visual_tokens(images, image_mask) if images is not None and self.has_visual else None
-        queries = self.adapter_query.weight.view(L, K, -1)
+        parts = (self.adapter_query_fusion, self.adapter_query_late)
+        queries = [q for part in parts if part is not None for q in part.weight.view(-1, K, self.config.dim)]
         out: list = [None] * (n - L)
         for i in range(L):
             p = queries[i][None]

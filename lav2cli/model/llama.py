@@ -144,15 +144,6 @@ class Transformer(nn.Module):
         self.checkpoint_blocks = 0
         self._spare_caches: list[KVCache] | None = None  # see setup_cache
 
-    @property
-    def grad_checkpointing(self) -> bool:
-        return self.checkpoint_blocks > 0
-
-    @grad_checkpointing.setter
-    def grad_checkpointing(self, on: bool) -> None:
-        """On: every block is checkpointed; off: none."""
-        self.checkpoint_blocks = self.config.n_layers if on else 0
-
     def head_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.config.tie_embeddings else self.output.weight
 

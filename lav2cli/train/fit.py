@@ -1,0 +1,208 @@
+"""The Trainer: set up from a recipe (setup.py's steps), then the loop.
+
+    per step  pick the stream (joint), forward/backward over its micro-batches, hand only this
+              stream's group to AdamW (the other group gets grad None: it does not move),
+              clip, step, log
+    save      every train.checkpoint_every steps and at the end (checkpoint.py)
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from lav2cli.data.dataset import Batch, collate
+from lav2cli.errors import Lav2Error
+from lav2cli.recipe import Recipe
+from lav2cli.templates import IGNORE_INDEX
+from lav2cli.train import checkpoint
+from lav2cli.train.distributed import all_reduce_sum, clip_grad_norm, init_distributed, leave, sum_grads
+from lav2cli.train.features import (feature_norm_state, image_reader, raw_clip_proj, restore_feature_norm,
+                                    standardizes, start_standardized)
+from lav2cli.train.groups import IMAGE_TEXT, INSTRUCTION, make_groups, make_optimizer
+from lav2cli.train.setup import (image_paths, load_engine, make_schedule, make_streams, prepare_model, seed_all,
+                                 select_trainable)
+
+
+@dataclass
+class RunInfo:
+    out: Path
+    steps: int
+    final_loss: float
+    tokens_per_s: float
+    seconds: float
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, out: Path, resume: bool, log: Callable[[str], None], show_progress: bool = True):
+        self.recipe, self.out, self.log, self.show_progress = recipe, out, log, show_progress
+        t = recipe.train
+        self.dist = init_distributed(t.device)
+        seed_all(t.seed)
+        # the model
+        self.engine, self.initial, self.previous_stage = load_engine(recipe, self.dist)
+        self.device, self.model = self.engine.device, self.engine.model.train()
+        self.bf16 = prepare_model(self.model, t, self.device)
+        # what trains, and how
+        self.groups = make_groups(self.model, t.stage)
+        self.params = select_trainable(self.model, self.groups)
+        self.global_batch = t.batch_size * t.grad_accum * self.dist.world
+        self.lr = t.base_lr * self.global_batch / 256
+        self.optimizer = make_optimizer(self.params, self.lr, t.weight_decay, t.betas, fused=self.device.type == "cuda",
+                                        visual_lr_scale=t.visual_lr_scale, lora_lr_scale=t.lora_lr_scale)
+        # the data
+        self.streams = make_streams(recipe, self.engine, self.dist)
+        self.image_paths = image_paths(self.streams)
+        self.image_fn = image_reader(self.engine, self.image_paths, recipe.data.feature_cache, self.dist, log)
+        self.pool = ThreadPoolExecutor(max(1, recipe.data.workers))  # decodes a batch's images in parallel
+        self.total_steps, self.scheduler = make_schedule(self.optimizer, t, self.lr, self.streams)
+        # where it starts
+        self.step, self.last_saved = 0, -1
+        self.seconds_before = 0.0  # training time of the run before a --resume
+        self.standardize = standardizes(t, self.params, self.image_fn, log)
+        if resume:
+            self._restore()
+        elif self.standardize:
+            start_standardized(self.model, self.image_fn, self.image_paths, self.device, t.seed,
+                               clip_proj_trained="clip_proj.weight" in self.initial, log=log)
+
+    def print_groups(self) -> list[tuple[str, int]]:
+        """(group, number of trainable values) for each group of the stage."""
+        return [(grp, sum(self.params[n].numel() for n in names)) for grp, names in self.groups.items()]
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def pick_stream(self, step: int) -> str:
+        names = list(self.streams)
+        if len(names) == 1:
+            return names[0]
+        ratio = self.recipe.data.image_text_ratio
+        return IMAGE_TEXT if random.Random(f"{self.recipe.train.seed}:stream:{step}").random() < ratio else INSTRUCTION
+
+    def loss_sum(self, batch: Batch) -> tuple[torch.Tensor, int]:
+        """Summed cross-entropy over supervised tokens; only those rows of the hidden states go
+        through the vocabulary projection (memory-lean)."""
+        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        with ctx:
+            sums, counts = self.model.response_nll(batch.tokens, batch.labels, batch.images, batch.image_mask)
+        return sums.sum(), int(counts.sum())
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        t, d = self.recipe.train, self.dist
+        grp = self.pick_stream(step)
+        stream = self.streams[grp]
+        micro = []
+        for _ in range(t.grad_accum):
+            examples = stream.next()
+            mine = examples[d.rank * t.batch_size:(d.rank + 1) * t.batch_size]
+            micro.append(collate(mine, self.engine.tokenizer.pad_id, self.image_fn, self.pool.map))
+        n_tok = torch.tensor(float(sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in micro)))
+        total_tok = all_reduce_sum(n_tok.to(self.device), d).item()
+        loss_total = torch.zeros((), device=self.device)
+        for b in micro:
+            b = b.to(self.device, self.engine.dtype)
+            loss, _ = self.loss_sum(b)
+            (loss / total_tok).backward()
+            loss_total += loss.detach()
+        mine = set(self.groups[grp])
+        for n, p in self.params.items():
+            if n not in mine:
+                p.grad = None  # the other group does not move at all on this step
+        active = [p for n, p in self.params.items() if n in mine]
+        sum_grads(active, d)
+        gnorm = clip_grad_norm(active, t.grad_clip, d) if t.grad_clip > 0 else 0.0
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_mean = all_reduce_sum(loss_total, d).item() / max(total_tok, 1.0)
+        n_tokens = all_reduce_sum(torch.tensor(float(sum(b.tokens.numel() for b in micro)), device=self.device), d).item()
+        return {"step": step + 1, "stream": grp, "loss": loss_mean, "lr": lr,
+                "grad_norm": gnorm, "tokens": int(n_tokens), "supervised_tokens": int(total_tok)}
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self, stop_after: int | None = None) -> RunInfo:
+        """Train to the end (or checkpoint and return after `stop_after` steps in total; the
+        schedule stays that of the full run, so --resume continues it exactly)."""
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        t = self.recipe.train
+        end = min(self.total_steps, stop_after) if stop_after else self.total_steps
+        start, t0, tokens, last = self.step, time.perf_counter(), 0, {}
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+                            disable=not (self.show_progress and self.dist.main), transient=False,
+                            console=Console(stderr=True))  # stdout carries only the run directory
+        with progress:
+            task = progress.add_task(f"train {t.stage}", total=self.total_steps, completed=start, status="")
+            while self.step < end:
+                rec = self.train_step(self.step)
+                if not math.isfinite(rec["loss"]):
+                    where = (f"the last good checkpoint (step {self.last_saved}) is in {self.out}"
+                             if self.last_saved >= 0 else "no checkpoint was written")
+                    raise Lav2Error(f"step {rec['step']}: loss is {rec['loss']} ({rec['stream']} batch); stopped; {where}")
+                self.step += 1
+                tokens += rec["tokens"]
+                elapsed = time.perf_counter() - t0
+                rec["tokens_per_s"] = round(tokens / elapsed, 1) if elapsed > 0 else 0.0
+                last = rec
+                if self.dist.main and (self.step % max(1, t.log_every) == 0 or self.step == self.total_steps or self.step == start + 1):
+                    checkpoint.append_metrics(self.out, rec)
+                progress.update(task, completed=self.step,
+                                status=f"loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  {rec['tokens_per_s']:.0f} tok/s")
+                if t.checkpoint_every > 0 and self.step % t.checkpoint_every == 0 and self.step < self.total_steps:
+                    self.save(False, self._summary(last, tokens, t0))
+        self.save(self.step >= self.total_steps, self._summary(last, tokens, t0))
+        self.pool.shutdown()
+        leave(self.dist)
+        return RunInfo(self.out, self.step, last.get("loss", float("nan")), last.get("tokens_per_s", 0.0),
+                       time.perf_counter() - t0)
+
+    def _summary(self, last: dict, tokens: int, t0: float) -> dict[str, Any]:
+        return {"final_loss": last.get("loss"), "tokens_per_s": last.get("tokens_per_s"),
+                "seconds": round(self.seconds_before + time.perf_counter() - t0, 2), "device": str(self.device),
+                "world_size": self.dist.world, "global_batch": self.global_batch, "lr": self.lr}
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def tensors_to_save(self) -> dict[str, torch.Tensor]:
+        """The stage's tensors and those of the artifact it continues, released names (FSDP
+        shards gathered: every rank must call this)."""
+        tensors = checkpoint.tensors_to_save(self.model, set(self.params) | self.initial)
+        return {**tensors, **raw_clip_proj(self.model)}
+
+    def save(self, complete: bool, summary: dict[str, Any]) -> None:
+        tensors = self.tensors_to_save()  # collectives under FSDP: all ranks take part
+        state = checkpoint.trainer_state(self.step, self.optimizer, self.scheduler, self.streams,
+                                         feature_norm_state(self.model))
+        if not self.dist.main:
+            return
+        training = {**summary, "stage": self.recipe.train.stage, "step": self.step, "total_steps": self.total_steps,
+                    "complete": complete, "recipe": self.recipe.to_dict(),
+                    "data": {n: len(s.examples) for n, s in self.streams.items()},
+                    "groups": dict(self.print_groups())}
+        if self.previous_stage:
+            training["previous"] = self.previous_stage
+        checkpoint.write(self.out, self.engine, tensors, state, training, self.recipe)
+        self.last_saved = self.step
+
+    def _restore(self) -> None:
+        state, saved = checkpoint.read(self.out)
+        checkpoint.restore_tensors(self.model, saved)
+        restore_feature_norm(self.model, state.get("feature_norm"), self.standardize, self.out)
+        self.step = checkpoint.restore_trainer_state(state, self.optimizer, self.scheduler, self.streams)
+        self.last_saved = self.step
+        self.seconds_before = checkpoint.seconds_trained(self.out)
+        if self.dist.main:
+            checkpoint.keep_metrics(self.out, self.step)
+        self.log(f"resuming {self.out} at step {self.step} of {self.total_steps}")
