@@ -19,9 +19,8 @@ import torch
 
 from lav2cli.data.dataset import Stream, load_examples
 from lav2cli.engine import Engine, load, resolve_device
-from lav2cli.formats import classify
 from lav2cli.errors import Lav2Error
-from lav2cli.formats import artifact
+from lav2cli.formats import artifact, classify
 from lav2cli.model.adapter import LlamaAdapterV2
 from lav2cli.recipe import STAGE_STREAMS, Recipe, TrainSection, load_recipe
 from lav2cli.train.checkpoint import RECIPE_FILE, STATE_FILE
