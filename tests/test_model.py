@@ -232,7 +232,7 @@ def official_7b(lora: int) -> LlamaAdapterV2:
 
 def test_official_7b_parameter_counts_match_the_release():
     bias = official_7b(0).adapter_state_dict()
-    assert sum(t.numel() for t in bias.values()) == 63_095_552  # BIAS-7B (spec 2.4)
+    assert sum(t.numel() for t in bias.values()) == 63_095_552  # BIAS-7B (docs/model.md, "Parameter counts")
     lora = official_7b(16).adapter_state_dict()
     assert sum(t.numel() for t in lora.values()) == 103_072_544  # LORA-BIAS-7B
     groups = {

@@ -1,4 +1,4 @@
-"""LLaMA-Adapter V2 on top of llama.py (spec section 2).
+"""LLaMA-Adapter V2 on top of llama.py (docs/model.md describes the model).
 
 - AdaptedLinear: y = s * (W x + lora(x) + b); bias and scale optional per variant.
 - AdaptedAttention / AdaptedFeedForward: swap their linears for AdaptedLinear, own the LoRA
@@ -27,6 +27,7 @@ from torch import nn
 from lav2cli.model.config import AdapterConfig, LlamaConfig
 from lav2cli.model.llama import Attention, Block, FeedForward, RMSNorm, Transformer
 from lav2cli.model.vision import ViTBlock
+from lav2cli.templates import IGNORE_INDEX
 
 # Every parameter name has exactly one role. The role decides whether a tensor trains and is
 # saved (everything but "encoder" and "base"), which training group and learning-rate multiplier
@@ -384,8 +385,6 @@ class LlamaAdapterV2(nn.Module):
         """Summed next-token NLL per row over the supervised positions (labels != IGNORE_INDEX),
         and their counts. Only those positions go through the vocabulary projection, so the
         [B, T, vocab] logits never exist (training and `eval text` share this)."""
-        from lav2cli.templates import IGNORE_INDEX
-
         h = self.llama.hidden(tokens, prompt_kv=self.prompts(images, image_mask))
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX

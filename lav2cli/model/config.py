@@ -43,7 +43,7 @@ class LlamaConfig:
 
 @dataclass
 class VisualConfig:
-    """The trainable visual branch between the frozen encoder and the LLM (spec 2.3)."""
+    """The trainable visual branch between the frozen encoder and the LLM."""
 
     encoder_dim: int = 768  # width of the encoder tokens (CLIP ViT-L/14 after proj: 768)
     width: int = 768  # clip_proj output and ViT block width
@@ -58,7 +58,7 @@ class VisualConfig:
 
 @dataclass
 class AdapterConfig:
-    """What LLaMA-Adapter V2 adds. `paper` and `official` differ as in spec section 2."""
+    """What LLaMA-Adapter V2 adds. `paper` and `official` differ as docs/model.md describes."""
 
     variant: Variant = "paper"
     prompt_len: int = 10  # K
