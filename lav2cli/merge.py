@@ -170,6 +170,7 @@ def merge(ref: str, out: str | Path, *, format: str = "lav2", dtype: str = "auto
             meta = artifact.compose_meta(
                 side_cfg, base_ref=".", base_format=f"merged-{format}", llama=llama_cfg, encoder=enc, preprocess=pre,
                 template=c.template, training=c.meta.get("training"),
+                self_caption=bool(c.meta.get("self_caption")),  # it answers as the unmerged model did
                 merged={"from": str(ref), "format": format, "dtype": result.dtype, "folded": fold_kinds,
                         "kept": kept, "adapter": c.adapter.to_dict()})
             (tmp / artifact.META).write_text(json.dumps(meta, indent=2) + "\n")

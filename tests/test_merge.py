@@ -101,6 +101,14 @@ def test_merged_equals_unmerged(tmp_path, tiny_llama_config, meta_dir, variant, 
     assert info["merged"]["from"] == str(tmp_path / "run") and info["merged"]["max_logit_diff"] < 1e-5
 
 
+def test_a_self_captioning_adapter_stays_one_when_merged(tmp_path, tiny_llama_config, meta_dir):
+    cfg = AdapterConfig(variant="paper", prompt_layers=1, visual=VISUAL)
+    eng = trained(meta_dir, tmp_path / "run", cfg)
+    eng.save_adapter(tmp_path / "run", self_caption=True)
+    merge(str(tmp_path / "run"), tmp_path / "merged", dtype="fp32", device="cpu")
+    assert json.loads((tmp_path / "merged" / "lav2.json").read_text())["self_caption"] is True
+
+
 def test_text_only_adapter_and_bf16(tmp_path, tiny_llama_config, meta_dir):
     eng = trained(meta_dir, tmp_path / "run", AdapterConfig(variant="paper", lora_rank=4, visual=None))
     toks = tokens(tiny_llama_config)
