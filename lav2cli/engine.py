@@ -105,14 +105,6 @@ def classify_ref(ref: str) -> tuple[str, Path | None]:
     return "base", p
 
 
-def marked_self_caption(ref: str) -> bool:
-    """Whether model reference `ref` is an artifact marked self_caption (reads lav2.json only)."""
-    from lav2cli.formats import artifact
-
-    kind, path = classify_ref(ref)
-    return kind == "artifact" and bool(artifact.read_meta(path).get("self_caption"))
-
-
 def _check_base_matches(meta: dict, cfg: LlamaConfig, where: Path, base_ref: str) -> None:
     want = meta.get("base", {}).get("config", {})
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim"):
@@ -198,12 +190,6 @@ class Engine:
     @property
     def template(self) -> Template:
         return get_template(self.config.template)
-
-    @property
-    def self_captions(self) -> bool:
-        """True for an artifact marked self_caption that can see: it captions an image itself
-        and answers with its caption as context (experts.Experts.with_self_caption)."""
-        return bool(self.config.meta.get("self_caption")) and self.can_see
 
     @property
     def can_see(self) -> bool:

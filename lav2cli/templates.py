@@ -1,8 +1,9 @@
-"""Prompt templates and label masking.
+"""Prompt templates, label masking, and the other text lav2 puts into prompts.
 
-`alpaca` is the official LLaMA-Adapter template, text exact (spec section 4); `chatml` is
-the chat format of SmolLM2 and other ChatML models. Expert context and record `input` go into
-the Input section (alpaca) or a context paragraph before the question (chatml).
+`alpaca` is the official LLaMA-Adapter template, text exact; `chatml` is the chat format of
+SmolLM2 and other ChatML models. Expert context and record `input` go into the Input section
+(alpaca) or a context paragraph before the question (chatml). The experts' text is introduced
+by a label ("Image caption: a red circle"), the same in training data and at inference.
 """
 
 from __future__ import annotations
@@ -27,6 +28,24 @@ SHORT_ANSWER_SUFFIX = " using a single word or phrase."
 
 CHATML_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
+# the instruction of caption records, and what a captioning model is asked
+CAPTION_INSTRUCTION = "Generate caption of this image"
+# how each expert's text is introduced in the prompt
+EXPERT_LABELS = {"caption": "Image caption", "ocr": "Text in the image"}
+# the caption expert's source when the answering model captions the image itself
+SELF_CAPTION_SOURCE = "the model itself"
+
+
+def labelled(name: str, text: str) -> str:
+    """Expert `name`'s text as a prompt paragraph: "Image caption: a red circle"."""
+    sep = "\n" if "\n" in text.strip() else " "  # OCR lines stay lines
+    return f"{EXPERT_LABELS[name]}:{sep}{text.strip()}"
+
+
+def join_context(*parts: str) -> str:
+    """Several contexts (a record's input, the experts') as one, empty ones left out."""
+    return "\n\n".join(p.strip() for p in parts if p and p.strip())
+
 
 @dataclass(frozen=True)
 class Template:
@@ -36,7 +55,7 @@ class Template:
     def add_bos(self) -> bool:
         return self.name == "alpaca"  # chatml prompts start with their own <|im_start|>
 
-    def prompt(self, instruction: str, input: str = "", short_answer: bool = False, system: str | None = None) -> str:
+    def prompt(self, instruction: str, input: str = "", short_answer: bool = False) -> str:
         instruction, input = instruction.strip(), (input or "").strip()
         if self.name == "alpaca":
             head = ALPACA_PREAMBLE_INPUT if input else ALPACA_PREAMBLE
@@ -48,9 +67,8 @@ class Template:
         content = f"{input}\n\n{instruction}" if input else instruction
         if short_answer:
             content += "\nAnswer using a single word or phrase."
-        sys_text = system if system is not None else CHATML_SYSTEM
         return (
-            f"<|im_start|>system\n{sys_text}<|im_end|>\n"
+            f"<|im_start|>system\n{CHATML_SYSTEM}<|im_end|>\n"
             f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
         )
 

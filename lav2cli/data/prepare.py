@@ -46,8 +46,8 @@ from typing import Any, Callable, Iterable, Iterator, Union
 from lav2cli import __version__
 from lav2cli.data.records import KINDS, Record
 from lav2cli.errors import Lav2Error
-from lav2cli.experts import labelled
 from lav2cli.fileio import file_mode, sha256_file
+from lav2cli.templates import labelled
 
 CAPTION_INSTRUCTION = "Generate caption of this image"
 
