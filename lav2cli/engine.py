@@ -80,13 +80,8 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 # -- references --------------------------------------------------------------------------------
 
 
-classify_ref = formats.classify  # the name train.py and marked_self_caption use
 
 
-def marked_self_caption(ref: str) -> bool:
-    """Whether model reference `ref` is an artifact marked self_caption (reads lav2.json only)."""
-    kind, path = classify_ref(ref)
-    return kind == "artifact" and bool(artifact.read_meta(path).get("self_caption"))
 
 
 # -- assembly ---------------------------------------------------------------------------------
@@ -168,12 +163,6 @@ class Engine:
     @property
     def template(self) -> Template:
         return get_template(self.config.template)
-
-    @property
-    def self_captions(self) -> bool:
-        """True for an artifact marked self_caption that can see: it captions an image itself
-        and answers with its caption as context (experts.Experts.with_self_caption)."""
-        return bool(self.config.meta.get("self_caption")) and self.can_see
 
     @property
     def can_see(self) -> bool:

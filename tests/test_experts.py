@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from lav2cli import ask, engine, experts as X
+from lav2cli import answer as A, engine, experts as X
+from lav2cli.answer import Pipeline
 from lav2cli.errors import Lav2Error
 from lav2cli.evaluate import EvalOptions, evaluate
 from lav2cli.experts import ExpertOptions, Experts, Word
@@ -218,9 +219,8 @@ def test_expert_text_reaches_the_prompt(template, base_dir, sentence_png):
     eng = engine.load(str(base_dir), device="cpu")
     eng.config.template = template
     shown: list[str] = []
-    ans = ask.answer_one(eng, str(sentence_png), "What does the sign say?", Sampling(max_new_tokens=2),
-                         fake_experts({"caption": "a photo of a street sign", "ocr": "EXIT 12\nKeep left"}),
-                         show_prompt=shown.append)
+    ans = A.answer(eng, Pipeline(fake_experts({"caption": "a photo of a street sign", "ocr": "EXIT 12\nKeep left"})),
+                   str(sentence_png), "What does the sign say?", Sampling(max_new_tokens=2), show_prompt=shown.append)
     ctx = "Image caption: a photo of a street sign\n\nText in the image:\nEXIT 12\nKeep left"
     assert shown == [ans.prompt]
     if template == "alpaca":
@@ -233,7 +233,7 @@ def test_expert_text_reaches_the_prompt(template, base_dir, sentence_png):
 
 def test_expert_that_finds_nothing_leaves_no_section(base_dir, blank_png):
     eng = engine.load(str(base_dir), device="cpu")
-    ans = ask.answer_one(eng, str(blank_png), "What does it say?", Sampling(max_new_tokens=2), fake_experts({"ocr": ""}))
+    ans = A.answer(eng, Pipeline(fake_experts({"ocr": ""})), str(blank_png), "What does it say?", Sampling(max_new_tokens=2))
     assert "### Input" not in ans.prompt and "Text in the image" not in ans.prompt
     assert ans.experts[0].text == ""
 
@@ -341,10 +341,8 @@ def test_eval_self_captions_once_per_image_and_a_named_caption_expert_wins(tmp_p
     real = X.ModelCaptioner.many
     monkeypatch.setattr(X.ModelCaptioner, "many", lambda self, ims: calls.extend(ims) or real(self, ims))
     opts = dict(data=data, model=str(self_captioner), device="cpu", max_new_tokens=2)
-    from lav2cli.evaluate import runner
-
     with monkeypatch.context() as m:  # the answer pass reads the caption, not the image
-        m.setattr(runner, "_image_batch", lambda *a: pytest.fail("a self-captioning answer pass got images"))
+        m.setattr(A, "image_batch", lambda *a: pytest.fail("a self-captioning answer pass got images"))
         result = evaluate(EvalOptions("vqa", out=tmp_path / "self.jsonl", **opts), log=lambda m: None)
     assert result["experts"] == [["caption", "the model itself"]] and len(calls) == 1
     preds = [json.loads(ln) for ln in (tmp_path / "self.jsonl").read_text().splitlines()]
@@ -360,12 +358,12 @@ def test_eval_self_captions_once_per_image_and_a_named_caption_expert_wins(tmp_p
 
 def test_a_self_captioning_model_answers_from_its_caption_alone(self_captioner, chelsea_png):
     eng = engine.load(str(self_captioner), device="cpu", inference=True)
-    experts = Experts(ExpertOptions()).with_self_caption()
-    experts.bind(eng)
+    pipeline = Pipeline.make(ExpertOptions(), marked=True)
+    pipeline.bind(eng)
     calls = []
     real = eng.generate
     eng.generate = lambda prompts, images=None, **kw: calls.append(images) or real(prompts, images=images, **kw)
-    ans = ask.answer_one(eng, str(chelsea_png), "What animal is this?", Sampling(max_new_tokens=2), experts)
+    ans = A.answer(eng, pipeline, str(chelsea_png), "What animal is this?", Sampling(max_new_tokens=2))
     assert len(calls) == 2 and calls[0].shape == (1, 3, 224, 224) and calls[1] is None  # caption pass, answer pass
     assert ans.experts[0].source == "the model itself"
 
@@ -386,3 +384,76 @@ def test_a_model_captioner_captions_a_batch_as_it_captions_each_image(self_capti
     cap = X.ModelCaptioner(eng, max_new_tokens=8)
     ims = [Image.open(p).convert("RGB") for p in (chelsea_png, blank_png)]
     assert cap.many(ims) == [cap(im) for im in ims]
+
+
+# -- the rule: a named caption expert on a self-captioning model ---------------------------------
+
+
+def test_the_rule_decides_the_caption_expert_and_what_the_answer_pass_reads():
+    classifier = "efficientnet_lite0 ImageNet classifier (p >= 0.2)"
+    cases = {  # (named experts, marked, self-captioning on) -> (sources, answers from the caption)
+        ((), True, True): ([["caption", "the model itself"]], True),
+        (("ocr",), True, True): ([["caption", "the model itself"], ["ocr", "rapidocr"]], True),
+        (("caption",), True, True): ([["caption", classifier]], True),
+        (("ocr", "caption"), True, True): ([["ocr", "rapidocr"], ["caption", classifier]], True),
+        (("caption",), True, False): ([["caption", classifier]], False),
+        ((), True, False): ([], False),
+        (("caption",), False, True): ([["caption", classifier]], False),
+        ((), False, True): ([], False),
+    }
+    for (named, marked, on), (sources, from_caption) in cases.items():
+        p = Pipeline.make(ExpertOptions.make(list(named)), marked=marked, self_caption=on)
+        assert (p.sources(), p.from_caption) == (sources, from_caption), (named, marked, on)
+
+
+def test_a_named_caption_expert_on_a_self_captioning_model_gives_the_caption_it_answers_from(
+        tmp_path, self_captioner, monkeypatch):
+    """`--expert caption` on a model marked self_caption: the prompts hold the named expert's
+    caption (not the model's), and the answer pass reads it without the image, as the model was
+    trained; eval and ask follow the same rule."""
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "red.png")
+    rows = [{"id": "q0", "image": "red.png", "instruction": "What color is it?", "input": "", "output": "red",
+             "kind": "vqa", "source": "test"}]
+    data = tmp_path / "vqa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(Experts, "model", lambda self, name: (lambda im: "a photo of a red square"))
+    seen = []
+    real = engine.Engine.generate
+    monkeypatch.setattr(engine.Engine, "generate",
+                        lambda self, prompts, images=None, **kw: seen.append(images) or real(self, prompts, images=images, **kw))
+    result = evaluate(EvalOptions("vqa", data=data, model=str(self_captioner), device="cpu", max_new_tokens=2,
+                                  out=tmp_path / "named.jsonl", expert=["caption"]), log=lambda m: None)
+    assert result["experts"] == [["caption", "efficientnet_lite0 ImageNet classifier (p >= 0.2)"]]
+    [pred] = [json.loads(ln) for ln in (tmp_path / "named.jsonl").read_text().splitlines()]
+    assert "Image caption: a photo of a red square" in pred["prompt"]
+    assert seen == [None]  # one pass, the answer's, and it reads the caption, not the image
+
+    eng = engine.load(str(self_captioner), device="cpu", inference=True)
+    pipeline = Pipeline.make(ExpertOptions.make(["caption"]), marked=A.marked_self_caption(str(self_captioner)))
+    pipeline.bind(eng)
+    seen.clear()
+    ans = A.answer(eng, pipeline, str(tmp_path / "red.png"), "What color is it?", Sampling(max_new_tokens=2))
+    assert [(e.source, e.text) for e in ans.experts] == [
+        ("efficientnet_lite0 ImageNet classifier (p >= 0.2)", "a photo of a red square")]
+    assert "Image caption: a photo of a red square" in ans.prompt and seen == [None]
+
+
+def test_self_captioning_needs_a_model_that_can_see(base_dir):
+    eng = engine.load(str(base_dir), device="cpu")  # no visual branch
+    with pytest.raises(Lav2Error, match="no trained visual branch.*--no-self-caption or --expert caption"):
+        Pipeline.make(ExpertOptions(), marked=True).bind(eng)
+    Pipeline.make(ExpertOptions.make(["caption"]), marked=True).bind(eng)  # a named caption: nothing to bind
+
+
+@pytest.mark.slow
+def test_ask_demo_with_the_caption_expert_answers_from_that_caption(chelsea_png):
+    # the demo is marked self_caption and knows only easy-VQA's shapes: its own caption of a cat
+    # is a coloured shape, the classifier's names the cat, and the named one is what it answers from
+    r = lav2("ask", str(chelsea_png), "What animal is in the picture?", "--expert", "caption", "--temperature", "0",
+             "--max-new-tokens", "10", "--json", "--show-prompt")
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout)
+    [cap] = row["experts"]
+    assert cap["source"] != "the model itself" and "cat" in cap["text"]
+    assert f"Image caption: {cap['text']}\n\nWhat animal is in the picture?" in r.stderr
+    assert "cat" in row["answer"].lower()

@@ -19,18 +19,31 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
+from lav2cli import __version__
+from lav2cli.answer import Pipeline, Question, image_batch, marked_self_caption
+from lav2cli.data.dataset import Example, collate
 from lav2cli.data.records import read_records
+from lav2cli.engine import Engine, load
 from lav2cli.errors import Lav2Error
 from lav2cli.evaluate import tasks as T
-from lav2cli.experts import ExpertOptions, Experts, context, join_context
+from lav2cli.experts import ExpertOptions
 from lav2cli.fileio import atomic_file
+from lav2cli.inference.generate import Sampling
 from lav2cli.registry import DEFAULT_MODEL
 
 __all__ = ["EvalOptions", "run", "evaluate", "metrics_path", "read_predictions"]
+
+
+# the tasks that ask questions about images: they take experts, and a model marked
+# self_caption captions each image first (answer.Pipeline.make)
+QUESTION_TASKS = ("vqa", "mme")
 
 
 @dataclass
@@ -58,9 +71,10 @@ class EvalOptions:
     ocr_engine: str = "rapidocr"
     self_caption: bool = True  # vqa, mme: a model marked self_caption captions each image first
 
-    def experts(self) -> Experts:
-        return Experts(ExpertOptions.make(self.expert, self.caption_model, self.caption_threshold,
-                                          self.ocr_engine, self.device, self.dtype))
+    def expert_options(self) -> ExpertOptions:
+        """The experts named (checked); the pipeline adds the model's own caption by its rule."""
+        return ExpertOptions.make(self.expert, self.caption_model, self.caption_threshold, self.ocr_engine,
+                                  self.device, self.dtype)
 
 
 def metrics_path(predictions: str | os.PathLike) -> Path:
@@ -135,80 +149,38 @@ def read_predictions(path: Path, owner: dict[str, str], data: Path, *, model: st
 # -- generation --------------------------------------------------------------------------------
 
 
-def _image_batch(engine, units: list[T.Unit]):
-    """(images, image_mask) for a batch: zeros and mask False for rows without an image; None
-    when the model has no encoder or no row has an image."""
-    import torch
-
-    from lav2cli.model.vision import load_image
-
-    if engine.image_transform is None or all(u.image is None for u in units):
-        return None, None
-    tensors = {i: engine.image_tensor([load_image(u.image)])[0] for i, u in enumerate(units) if u.image is not None}
-    shape = next(iter(tensors.values())).shape
-    images = torch.zeros((len(units), *shape), dtype=engine.dtype, device=engine.device)
-    for i, t in tensors.items():
-        images[i] = t
-    mask = torch.tensor([u.image is not None for u in units], device=engine.device)
-    return images, mask
-
-
-def _expert_outputs(experts: Experts | None, units: list[T.Unit]) -> list[list]:
-    """Each unit's expert outputs (none without an image or without experts)."""
-    from lav2cli.model.vision import load_image
-
-    if not experts:
-        return [[] for _ in units]
-    found = iter(experts.run_files([u.image for u in units if u.image is not None], load_image))
-    return [next(found) if u.image is not None else [] for u in units]
-
-
-def _generate(engine, opts: EvalOptions, units: list[T.Unit], max_new: int,
-              experts: Experts | None = None) -> list[dict]:
-    from lav2cli.inference.generate import Sampling
-
-    tpl, tok = engine.template, engine.tokenizer
-    outputs = _expert_outputs(experts, units)
-    parts = []
-    for u, outs in zip(units, outputs):
-        instruction, input, short = T.prompt_parts(opts.task, u, opts.short_answer, opts.suffix)
-        parts.append((instruction, join_context(input, context(outs)), short))
-    ids = [tpl.encode_prompt(tok, *p) for p in parts]
-    # a self-captioning model answers from its caption alone (the caption pass read the image)
-    images, mask = (None, None) if experts and experts.options.self_caption else _image_batch(engine, units)
-    outs = engine.generate(ids, images=images, image_mask=mask,
+def _generate(engine: Engine, opts: EvalOptions, units: list[T.Unit], max_new: int, pipeline: Pipeline) -> list[dict]:
+    questions = [Question(u.image, *T.prompt_parts(opts.task, u, opts.short_answer, opts.suffix)) for u in units]
+    batch = pipeline.prepare(engine, questions)
+    outs = engine.generate([p.ids for p in batch.prompts], images=batch.images, image_mask=batch.image_mask,
                            sampling=Sampling(max_new_tokens=max_new, temperature=0.0, top_p=1.0))
     rows = []
-    for u, p, o, ex in zip(units, parts, outs, outputs):
-        pred = tok.decode(o).strip()
-        rows.append({"id": u.id, "image": u.image, "prompt": tpl.prompt(*p), "prediction": pred,
+    for u, p, o in zip(units, batch.prompts, outs):
+        pred = engine.tokenizer.decode(o).strip()
+        rows.append({"id": u.id, "image": u.image, "prompt": p.text, "prediction": pred,
                      "reference": T.reference_field(opts.task, u), **T.judge(opts.task, u, pred)})
-        if experts:
-            rows[-1]["experts"] = [e.to_json() for e in ex]
+        if pipeline.experts:
+            rows[-1]["experts"] = [e.to_json() for e in p.experts]
     return rows
 
 
-def _losses(engine, units: list[T.Unit]) -> list[tuple[float, int]]:
+def _losses(engine: Engine, units: list[T.Unit]) -> list[tuple[float, int]]:
     """(mean loss over response tokens, response tokens) per unit: the labels of
     templates.encode_example (prompt masked), teacher forcing, right padding."""
-    import torch
-
-    from lav2cli.data.dataset import Example, collate
-
     tpl, tok = engine.template, engine.tokenizer
     max_len = engine.config.llama.max_seq_len
     examples = [Example(*tpl.encode_example(tok, u.instruction, u.input, u.references[0], max_tokens=max_len), None)
                 for u in units]
     batch = collate(examples, tok.pad_id, image_fn=None)  # right-padded, the training layout
-    images, mask = _image_batch(engine, units)
+    images, mask = image_batch(engine, [u.image for u in units])
     with torch.no_grad():
         sums, counts = engine.model.response_nll(batch.tokens.to(engine.device), batch.labels.to(engine.device),
                                                  images, mask)
     return [(float(s) / int(c) if int(c) else 0.0, int(c)) for s, c in zip(sums.tolist(), counts.tolist())]
 
 
-def _predict(engine, opts: EvalOptions, todo: list[T.Unit], out: Path, exact_match: bool,
-             experts: Experts | None = None) -> dict[str, dict]:
+def _predict(engine: Engine, opts: EvalOptions, todo: list[T.Unit], out: Path, exact_match: bool,
+             pipeline: Pipeline) -> dict[str, dict]:
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
@@ -226,7 +198,7 @@ def _predict(engine, opts: EvalOptions, todo: list[T.Unit], out: Path, exact_mat
         for start in range(0, len(todo), opts.batch_size):
             batch = todo[start:start + opts.batch_size]
             if opts.task == "text":
-                gen = _generate(engine, opts, batch, max_new) if exact_match else None
+                gen = _generate(engine, opts, batch, max_new, pipeline) if exact_match else None
                 rows = []
                 for k, (u, (loss, n)) in enumerate(zip(batch, _losses(engine, batch))):
                     row = {"id": u.id, "image": u.image, "prompt": engine.template.prompt(u.instruction, u.input),
@@ -236,7 +208,7 @@ def _predict(engine, opts: EvalOptions, todo: list[T.Unit], out: Path, exact_mat
                                    contains=gen[k]["contains"])
                     rows.append(row)
             else:
-                rows = _generate(engine, opts, batch, max_new, experts)
+                rows = _generate(engine, opts, batch, max_new, pipeline)
             for row in rows:
                 row["model"] = opts.model
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -259,10 +231,10 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] | None = None) -> dic
         raise Lav2Error(f"unknown task {opts.task!r} (expected one of {', '.join(T.TASKS)})")
     if opts.batch_size < 1:
         raise Lav2Error("--batch-size must be at least 1")
-    experts = opts.experts()
-    if experts and opts.task not in ("vqa", "mme"):
+    named = opts.expert_options()
+    if named.experts and opts.task not in QUESTION_TASKS:
         raise Lav2Error(f"experts help answer questions about images: vqa and mme take --expert, {opts.task} does not")
-    if experts and opts.predictions is not None:
+    if named.experts and opts.predictions is not None:
         raise Lav2Error("--expert changes the prompts of a model run; it cannot apply to a --predictions file")
     records = list(read_records(opts.data))
     if not records:
@@ -283,6 +255,7 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] | None = None) -> dic
     if opts.predictions is not None:
         if opts.task == "text":
             raise Lav2Error("text scores losses from the model: it cannot score a --predictions file")
+        pipeline = Pipeline.make(named, marked=False)  # no model runs (and no expert is named)
         preds = read_predictions(opts.predictions, owner, opts.data)
         bad = [p["id"] for p in preds.values() if not isinstance(p.get("prediction"), str)]
         if bad:
@@ -293,10 +266,8 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] | None = None) -> dic
             raise Lav2Error("give --out FILE.jsonl for the predictions (metrics go to FILE.metrics.json)")
         model = opts.model or DEFAULT_MODEL
         opts.model = model
-        from lav2cli.engine import marked_self_caption
-
-        if opts.self_caption and opts.task in ("vqa", "mme") and marked_self_caption(model):
-            experts = experts.with_self_caption()
+        pipeline = Pipeline.make(named, marked=opts.task in QUESTION_TASKS and marked_self_caption(model),
+                                 self_caption=opts.self_caption)
         preds = {}
         if opts.out.exists():
             preds = read_predictions(opts.out, owner, opts.data, model=model, repair=True, log=log)
@@ -305,18 +276,18 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] | None = None) -> dic
                 if incomplete:
                     raise Lav2Error(f"{opts.out}: prediction {incomplete[0]!r} lacks loss or prediction; "
                                     "use another --out")
-        _check_experts(preds, experts, opts.out)
+        _check_experts(preds, pipeline, opts.out)
         todo = [u for u in units if u.id not in preds]
         if preds and todo:
             log(f"resuming: {len(units) - len(todo)} of {len(units)} already in {opts.out}")
         if todo:
-            experts.load()  # an expert that cannot run fails before the model loads
-            engine = _load(opts, log)
-            experts.bind(engine)
+            pipeline.load()  # an expert that cannot run fails before the model loads
+            engine = _load(opts)
+            pipeline.bind(engine)
             if any(u.image for u in todo) and not engine.can_see:
                 log("note: this model has no trained visual branch, so it cannot see the images; "
                     "its answers come from the text alone")
-            preds.update(_predict(engine, opts, todo, opts.out, exact_match, experts))
+            preds.update(_predict(engine, opts, todo, opts.out, exact_match, pipeline))
         source, where = opts.out, metrics_path(opts.out)
 
     scored = [u for u in units if u.id in preds]
@@ -325,8 +296,6 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] | None = None) -> dic
     if len(scored) < len(units):
         log(f"{len(units) - len(scored)} of {len(units)} units have no prediction in {source}; scored the rest")
     if opts.task == "mme":  # a pair whose partner has no prediction cannot give acc+
-        from collections import Counter
-
         have = Counter(u.extra["pair"] for u in scored)
         lonely = [u for u in scored if have[u.extra["pair"]] != 2]
         if lonely:
@@ -337,14 +306,12 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] | None = None) -> dic
                 raise Lav2Error(f"{source}: no MME image with predictions for both its questions")
     result: dict[str, Any] = {"task": opts.task, "data": str(opts.data), "model": opts.model,
                               "predictions": str(source), "n": len(scored)}
-    if experts:
-        result["experts"] = experts.options.sources()
+    if pipeline.experts:
+        result["experts"] = pipeline.sources()
     result.update(T.SCORERS[opts.task](scored, preds))
     if opts.task == "text":
         result["exact_match_reported"] = exact_match
     result["skipped"] = dict(sel.skipped)
-    from lav2cli import __version__
-
     result["lav2_version"] = __version__
     with atomic_file(where) as f:
         json.dump(result, f, indent=2)
@@ -353,10 +320,10 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] | None = None) -> dic
     return result
 
 
-def _check_experts(preds: dict[str, dict], experts: Experts, out: Path) -> None:
+def _check_experts(preds: dict[str, dict], pipeline: Pipeline, out: Path) -> None:
     """A resumed run must use the experts the file was made with (predictions of images record
     theirs; those without an image have none to compare)."""
-    want = experts.options.sources()
+    want = pipeline.sources()
     for p in preds.values():
         if p.get("image") is None:
             continue
@@ -370,19 +337,15 @@ def _names(sources: list[list[str]]) -> str:
     return ", ".join(f"{n} ({s})" for n, s in sources) or "none"
 
 
-def _load(opts: EvalOptions, log):
-    from lav2cli.engine import load
-
+def _load(opts: EvalOptions) -> Engine:
     with _stderr().status(f"loading {opts.model} ...", spinner="dots"):
         engine = load(opts.model, base=opts.base, clip=opts.clip, device=opts.device, dtype=opts.dtype, inference=True)
     engine.compile_decode = opts.compile
     return engine
 
 
-def run(task: str, **kwargs: Any) -> None:
+def run(opts: EvalOptions) -> None:
     """The CLI entry: evaluate, then print the metrics (table, or one JSON line with as_json)."""
-    kwargs = {k: v for k, v in kwargs.items() if k in EvalOptions.__dataclass_fields__}
-    opts = EvalOptions(task=task, **kwargs)
     result = evaluate(opts)
     if opts.as_json:
         print(json.dumps(result, ensure_ascii=False), flush=True)

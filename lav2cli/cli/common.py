@@ -1,0 +1,55 @@
+"""What several command modules share: the console on stderr, loading a model behind a
+spinner, and the experts' options of `ask` and `eval vqa|mme`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Callable, Optional
+
+import typer
+from rich.console import Console
+
+from lav2cli.engine import Engine, load
+from lav2cli.experts import Expert, OcrEngine
+
+
+def stderr() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def log_to_stderr() -> Callable[[str], None]:
+    """A `log(message)` printing plain lines on stderr."""
+    err = stderr()
+    return lambda m: err.print(m, markup=False, soft_wrap=True)
+
+
+def load_engine(model: str, *, base: str | None, clip: str | None, device: str, dtype: str,
+                inference: bool) -> Engine:
+    with stderr().status(f"loading {model} ...", spinner="dots"):
+        return load(model, base=base, clip=clip, device=device, dtype=dtype, inference=inference)
+
+
+# the rule these options follow is answer.Pipeline.make's
+EXPERTS_HELP = (
+    "Experts: --expert caption puts a caption of the image into the prompt, --expert ocr the text "
+    "found in it. A model marked self_caption (see `lav2 info`) is its own caption expert: it "
+    "captions the image first and answers from its caption, without the image. A caption expert "
+    "named with --expert caption is used as named, never replaced by the model's own caption; the "
+    "model then answers from that caption. OCR's text joins either caption. --no-self-caption "
+    "asks the model directly, with the image."
+)
+
+Experts = Annotated[list[Expert], typer.Option(
+    "--expert", "-e", help="Give the model an expert's text about the image as context: caption, ocr (repeatable).")]
+CaptionModel = Annotated[Optional[str], typer.Option(
+    "--caption-model", help="Caption expert: a lav2 artifact trained for captioning (default: the "
+                            "EfficientNet-Lite0 ImageNet classifier).")]
+CaptionThreshold = Annotated[float, typer.Option(
+    "--caption-threshold", min=0.0, max=1.0, help="Caption expert (classifier): name the top classes at least "
+                                                  "this probable (none: no caption).")]
+SelfCaption = Annotated[bool, typer.Option(
+    "--self-caption/--no-self-caption", help="A model marked self_caption answers from a caption as context, "
+                                             "without the image: its own caption, or the named caption expert's "
+                                             "with --expert caption. --no-self-caption asks it directly, with the "
+                                             "image.")]
+OcrEngineOption = Annotated[OcrEngine, typer.Option(
+    "--ocr-engine", help="OCR expert: rapidocr (pip install 'lav2cli[experts]') or tesseract (the program).")]
