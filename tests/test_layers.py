@@ -78,10 +78,19 @@ def _imports_inside_functions(source: str) -> list[tuple[int, str]]:
     return found
 
 
+# Deferred on purpose, each with its reason: nothing else may import lav2cli inside a function.
+DEFERRED = {
+    # distillation is the one `lav2 prepare` source that runs a model: the others start without torch
+    ("lav2cli/data/prepare/distill.py", "lav2cli.engine"),
+    ("lav2cli/data/prepare/distill.py", "lav2cli.inference.generate"),
+}
+
+
 def test_lav2cli_imports_sit_at_the_top_of_each_module():
-    late = [f"{f.relative_to(PACKAGE.parent)}:{line} imports {mod}"
-            for f in sorted(PACKAGE.rglob("*.py")) for line, mod in _imports_inside_functions(f.read_text())]
-    assert late == []
+    found = {(str(f.relative_to(PACKAGE.parent)), mod): line
+             for f in sorted(PACKAGE.rglob("*.py")) for line, mod in _imports_inside_functions(f.read_text())}
+    assert sorted(set(found) - DEFERRED) == []
+    assert DEFERRED <= set(found)  # a deferral that is no longer needed is removed from the list
 
 
 def test_the_import_scan_sees_an_import_inside_a_function():

@@ -20,7 +20,7 @@ def convert(job: Job, model: str, prompts: str | None = None, max_new_tokens: in
     Trained alongside new data, they keep what the model already says (its language ability).
     Answers cut off at ``max_new_tokens`` are not kept: a record must end where the model ends."""
     # the engine brings torch: imported here so that the other sources start without it
-    from lav2cli import engine as engine_mod
+    from lav2cli.engine import load
     from lav2cli.inference.generate import Sampling
 
     prompts = os.fspath(prompts or DISTILL_PROMPTS)
@@ -29,7 +29,7 @@ def convert(job: Job, model: str, prompts: str | None = None, max_new_tokens: in
     yield from (it for it in items if isinstance(it, Skip))
     if not todo:
         return
-    eng = engine_mod.load(model, device=device)
+    eng = load(model, device=device)
     tok, tpl = eng.tokenizer, eng.template
     encoded = [tpl.encode_prompt(tok, instruction, text_input) for _, instruction, text_input in todo]
     order = sorted(range(len(todo)), key=lambda i: len(encoded[i]))  # similar lengths batch with little padding
