@@ -18,7 +18,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from lav2cli.model.adapter import FOLDED_ROLES, AdaptedAttention, LlamaAdapterV2, is_adapter_param, param_role
+from lav2cli.model.adapter import FOLDED_ROLES, AdaptedAttention, LlamaAdapterV2, param_role
 from lav2cli.model.config import LINEAR_MODULES, AdapterConfig
 
 
@@ -129,7 +129,7 @@ def lay_out_for_cpu_decoding(model: LlamaAdapterV2) -> int:
     lookup_only = () if model.config.tie_embeddings else ("llama.tok_embeddings.weight",)  # tied: the head
     moved = 0
     for name, w in model.named_parameters():
-        if not name.startswith("llama.") or is_adapter_param(name) or name in lookup_only:
+        if param_role(name) != "base" or name in lookup_only:
             continue
         if w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2 and w.stride(0) != 1:
             w.data = w.data.t().contiguous().t()
