@@ -1,5 +1,8 @@
 """`lav2 ask`: one question about one image (or none), or one per stdin line, answered through
-the answer pipeline; the answer streams to stdout unless --json."""
+the answer pipeline; the answer streams to stdout unless --json.
+
+With image paths on stdin (`-`) each answer is one line, `PATH<TAB>ANSWER` (or one JSON object
+with --json), in the order of the paths, so that `cut -f2` or `awk -F'\t'` can take it apart."""
 
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ def run(engine: Engine, pipeline: Pipeline, image: str, question: str, sampling:
         show_prompt: bool, model_name: str, stdin: Iterable[str] = sys.stdin,
         log: Callable[[str], None] | None = None) -> int:
     """Drive `lav2 ask`; returns the exit status (1 when any stdin line failed)."""
+    if image == "-" and log is not None and getattr(stdin, "isatty", lambda: False)():
+        log("reading image paths from stdin, one per line (Ctrl-D ends)")
     if image == "-":  # lazily: each answer is printed before the next line is read
         paths: Iterable[str | None] = (line.strip() for line in stdin if line.strip())
     else:
@@ -51,12 +56,13 @@ def run(engine: Engine, pipeline: Pipeline, image: str, question: str, sampling:
             status = 1
             if log is not None:
                 log(f"lav2: error: {e}")
-            print(json.dumps({"image": p, "question": question, "error": str(e)}) if as_json else "", flush=True)
+            print(json.dumps({"image": p, "question": question, "error": str(e)}) if as_json else f"{p}\t",
+                  flush=True)
             continue
         if as_json:
             print(json.dumps(ans.to_json(model_name)), flush=True)
         elif streaming:
             _write("\n")
-        else:
-            print(ans.answer.replace("\n", " "), flush=True)  # one answer per line in pipelines
+        else:  # one line per path in pipelines
+            print(f"{p}\t{' '.join(ans.answer.split())}", flush=True)
     return status

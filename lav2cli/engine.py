@@ -49,12 +49,31 @@ class EngineConfig:
     meta: dict[str, Any] = field(default_factory=dict)  # lav2.json of an artifact
 
 
+DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
+    """The torch device a --device value names (auto: CUDA when there is one, else the CPU);
+    the one place device strings are checked, so that a typo is one line naming it."""
+    if isinstance(device, torch.device):
+        dev = device
+    elif device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise Lav2Error("device cuda requested but CUDA is not available")
+    else:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, ValueError):
+            dev = None
+        if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+            raise Lav2Error(f"unknown device {device!r} (expected {DEVICE_HELP})")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise Lav2Error(f"device {device!r}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise Lav2Error(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                            "numbered from 0")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise Lav2Error(f"device {device!r}: MPS is not available on this machine")
     return dev
 
 

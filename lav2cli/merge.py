@@ -96,6 +96,12 @@ def _logits(eng, probes, image) -> list[torch.Tensor]:
 
 
 def _check_out(out: Path, force: bool) -> None:
+    if out.is_file():
+        raise Lav2Error(f"--out {out}: a file; merge writes a folder")
+    here = Path.cwd().resolve()
+    if out.resolve() in (here, *here.parents):  # replacing it would pull the folder from under the shell
+        raise Lav2Error(f"--out {out}: the current folder (or one above it) cannot be replaced; "
+                        f"give a new folder, e.g. --out {out / 'merged'}")
     if out.exists() and not force:
         if out.is_file() or any(out.iterdir()):
             raise Lav2Error(f"--out {out}: exists and is not empty (pass --force to replace it)")
@@ -110,7 +116,7 @@ def merge(ref: str, out: str | Path, *, format: str = "lav2", dtype: str = "auto
     if format not in FORMATS:
         raise Lav2Error(f"unknown --format {format!r} (expected {', '.join(FORMATS)})")
     if dtype != "auto" and dtype not in engine.DTYPES:
-        raise Lav2Error(f"unknown --dtype {dtype!r} (expected auto, fp32, bf16 or fp16)")
+        raise Lav2Error(f"unknown --dtype {dtype!r} (expected auto, {', '.join(engine.DTYPES)})")
     out = Path(out).expanduser()
     _check_out(out, force)
     kind, path = classify(str(ref))

@@ -241,6 +241,10 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
             data = tomllib.loads(p.read_text())
         except FileNotFoundError:
             raise Lav2Error(f"{p}: recipe not found") from None
+        except IsADirectoryError:
+            raise Lav2Error(f"{p}: a folder; --recipe takes a TOML file (see recipes/)") from None
+        except OSError as e:
+            raise Lav2Error(f"{p}: cannot read the recipe ({e.strerror or e})") from None
         except tomllib.TOMLDecodeError as e:
             raise Lav2Error(f"{p}: not valid TOML ({e})") from None
         _apply(recipe, data, str(p))

@@ -6,8 +6,9 @@ import typer
 
 from lav2cli import ask as asking
 from lav2cli.answer import Pipeline, marked_self_caption
-from lav2cli.cli.common import (EXPERTS_HELP, CaptionModel, CaptionThreshold, Experts, OcrEngineOption,
-                                SelfCaption, load_engine, log_to_stderr)
+from lav2cli.cli.common import (DTYPES_HELP, EXPERTS_HELP, CaptionModel, CaptionThreshold, Experts,
+                                OcrEngineOption, SelfCaption, load_engine, log_to_stderr)
+from lav2cli.engine import DEVICE_HELP
 from lav2cli.experts import ExpertOptions, OcrEngine
 from lav2cli.inference.generate import Sampling
 from lav2cli.registry import DEFAULT_MODEL
@@ -28,8 +29,8 @@ def ask(
     seed: int | None = typer.Option(None, help="Random seed for sampling (reproducible answers)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per answer (with timings) instead of streamed text."),
     show_prompt: bool = typer.Option(False, help="Print the full prompt (template applied) on stderr."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16."),
+    device: str = typer.Option("auto", help=f"{DEVICE_HELP}."),
+    dtype: str = typer.Option("auto", help=f"auto (bf16 on CUDA, fp32 on CPU), {DTYPES_HELP}."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step (pays off on long answers)."),
     expert: Experts = [], caption_model: CaptionModel = None, caption_threshold: CaptionThreshold = 0.2,
     ocr_engine: OcrEngineOption = OcrEngine.rapidocr, self_caption: SelfCaption = True,

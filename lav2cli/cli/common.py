@@ -28,6 +28,9 @@ def load_engine(model: str, *, base: str | None, clip: str | None, device: str, 
         return load(model, base=base, clip=clip, device=device, dtype=dtype, inference=inference)
 
 
+# the --dtype names every command accepts (engine.DTYPES)
+DTYPES_HELP = "float32, bfloat16, float16 (or fp32, bf16, fp16)"
+
 # the rule these options follow is answer.Pipeline.make's
 EXPERTS_HELP = (
     "Experts: --expert caption puts a caption of the image into the prompt, --expert ocr the text "

@@ -7,8 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from lav2cli.cli.common import (EXPERTS_HELP, CaptionModel, CaptionThreshold, Experts, OcrEngineOption,
-                                SelfCaption)
+from lav2cli.cli.common import (DTYPES_HELP, EXPERTS_HELP, CaptionModel, CaptionThreshold, Experts,
+                                OcrEngineOption, SelfCaption)
+from lav2cli.engine import DEVICE_HELP
 from lav2cli.evaluate import EvalOptions, run
 from lav2cli.experts import OcrEngine
 from lav2cli.registry import DEFAULT_MODEL
@@ -21,17 +22,19 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False,
 )
 
-_EData = Annotated[Path, typer.Option("--data", "-d", help="Records (JSON lines from `lav2 prepare`).")]
+_EData = Annotated[Path, typer.Option("--data", "-d", help="Records (JSON lines from `lav2 prepare`), or - for standard input.")]
+_ERoot = Annotated[Optional[Path], typer.Option("--images-root", help="Folder that relative image paths in the records are relative to (default: the records file's folder; with --data -, the current folder).")]
 _EModel = Annotated[Optional[str], typer.Option("--model", "-m", help=f"Model reference (as `lav2 ask`; default {DEFAULT_MODEL}).")]
 _EBase = Annotated[Optional[str], typer.Option("--base", help="Base LLaMA for an official .pth, or to override an artifact's.")]
 _EClip = Annotated[Optional[str], typer.Option("--clip", help="open_clip encoder NAME[:PRETRAINED] for an official .pth.")]
-_EOut = Annotated[Optional[Path], typer.Option("--out", "-o", help="Predictions FILE.jsonl (resumed when it exists); metrics go to FILE.metrics.json.")]
+_EOut = Annotated[Optional[Path], typer.Option("--out", "-o", help="Predictions FILE.jsonl (resumed when it exists); metrics go to FILE.metrics.json. Required, unless --predictions names the file to score.")]
+_EOutText = Annotated[Path, typer.Option("--out", "-o", help="Predictions FILE.jsonl (resumed when it exists); metrics go to FILE.metrics.json.")]
 _EBatch = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Records per generation batch.")]
 _ELimit = Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluate only the first N units (quick looks).")]
 _EJson = Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object instead of a table.")]
 _EMaxNew = Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, help="Greedy decoding length (default: vqa 30, caption 64, mme 30, text 30).")]
-_EDevice = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
-_EDtype = Annotated[str, typer.Option("--dtype", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")]
+_EDevice = Annotated[str, typer.Option("--device", help=f"{DEVICE_HELP}.")]
+_EDtype = Annotated[str, typer.Option("--dtype", help=f"auto (bf16 on CUDA, fp32 on CPU), {DTYPES_HELP}.")]
 _ECompile = Annotated[bool, typer.Option("--compile", help="torch.compile the decode step (batches are padded to a power of two so that few graphs serve them; pays off on GPUs).")]
 _EPred = Annotated[Optional[Path], typer.Option("--predictions", help="Score this predictions file (JSON lines with id and prediction) instead of running a model.")]
 
@@ -44,7 +47,7 @@ def eval_vqa(
     short_answer: Annotated[bool, typer.Option("--short-answer/--no-short-answer", help='Ask for "a single word or phrase" in the template.')] = True,
     suffix: Annotated[str, typer.Option("--suffix", help="Text appended to every question, e.g. 'Answer with one word.'")] = "",
     expert: Experts = [], caption_model: CaptionModel = None, caption_threshold: CaptionThreshold = 0.2,
-    ocr_engine: OcrEngineOption = OcrEngine.rapidocr, self_caption: SelfCaption = True,
+    ocr_engine: OcrEngineOption = OcrEngine.rapidocr, self_caption: SelfCaption = True, images_root: _ERoot = None,
 ) -> None:
     """Short-answer accuracy (VQA normalisation; VQAv2's ten answers when records carry "answers").
 
@@ -60,7 +63,7 @@ def eval_vqa(
                     limit=limit, as_json=as_json, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
                     compile=compile, predictions=predictions, short_answer=short_answer, suffix=suffix,
                     expert=expert, caption_model=caption_model, caption_threshold=caption_threshold,
-                    ocr_engine=ocr_engine, self_caption=self_caption))
+                    ocr_engine=ocr_engine, self_caption=self_caption, images_root=images_root))
 
 
 @app.command("caption")
@@ -68,6 +71,7 @@ def eval_caption(
     data: _EData, model: _EModel = None, base: _EBase = None, clip: _EClip = None, out: _EOut = None,
     batch_size: _EBatch = 8, limit: _ELimit = None, as_json: _EJson = False, max_new_tokens: _EMaxNew = None,
     device: _EDevice = "auto", dtype: _EDtype = "auto", compile: _ECompile = False, predictions: _EPred = None,
+    images_root: _ERoot = None,
 ) -> None:
     """BLEU-1..4 and CIDEr-D over all reference captions of each image (COCO caption evaluation).
 
@@ -79,7 +83,7 @@ def eval_caption(
     """
     run(EvalOptions(task="caption", data=data, model=model, base=base, clip=clip, out=out, batch_size=batch_size,
                     limit=limit, as_json=as_json, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
-                    compile=compile, predictions=predictions))
+                    compile=compile, predictions=predictions, images_root=images_root))
 
 
 @app.command("mme", epilog=EXPERTS_HELP)
@@ -88,7 +92,7 @@ def eval_mme(
     batch_size: _EBatch = 8, limit: _ELimit = None, as_json: _EJson = False, max_new_tokens: _EMaxNew = None,
     device: _EDevice = "auto", dtype: _EDtype = "auto", compile: _ECompile = False, predictions: _EPred = None,
     expert: Experts = [], caption_model: CaptionModel = None, caption_threshold: CaptionThreshold = 0.2,
-    ocr_engine: OcrEngineOption = OcrEngine.rapidocr, self_caption: SelfCaption = True,
+    ocr_engine: OcrEngineOption = OcrEngine.rapidocr, self_caption: SelfCaption = True, images_root: _ERoot = None,
 ) -> None:
     """The MME protocol: yes/no parsing, acc and acc+ per subtask, perception and cognition totals.
 
@@ -103,15 +107,17 @@ def eval_mme(
     run(EvalOptions(task="mme", data=data, model=model, base=base, clip=clip, out=out, batch_size=batch_size,
                     limit=limit, as_json=as_json, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
                     compile=compile, predictions=predictions, expert=expert, caption_model=caption_model,
-                    caption_threshold=caption_threshold, ocr_engine=ocr_engine, self_caption=self_caption))
+                    caption_threshold=caption_threshold, ocr_engine=ocr_engine, self_caption=self_caption,
+                    images_root=images_root))
 
 
 @app.command("text")
 def eval_text(
-    data: _EData, model: _EModel = None, base: _EBase = None, clip: _EClip = None, out: _EOut = None,
+    data: _EData, model: _EModel = None, base: _EBase = None, clip: _EClip = None, out: _EOutText = ...,
     batch_size: _EBatch = 8, limit: _ELimit = None, as_json: _EJson = False, max_new_tokens: _EMaxNew = None,
     device: _EDevice = "auto", dtype: _EDtype = "auto", compile: _ECompile = False,
     exact_match: Annotated[Optional[bool], typer.Option("--exact-match/--no-exact-match", help="Also generate and report exact match (default: when every reference is at most 3 words).")] = None,
+    images_root: _ERoot = None,
 ) -> None:
     """Mean loss and perplexity over response tokens (and exact match for short answers).
 
@@ -123,4 +129,4 @@ def eval_text(
     """
     run(EvalOptions(task="text", data=data, model=model, base=base, clip=clip, out=out, batch_size=batch_size,
                     limit=limit, as_json=as_json, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
-                    compile=compile, exact_match=exact_match))
+                    compile=compile, exact_match=exact_match, images_root=images_root))

@@ -8,6 +8,7 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from lav2cli import merge as merging
+from lav2cli.cli.common import DTYPES_HELP
 
 app = typer.Typer(add_completion=False)
 
@@ -17,7 +18,7 @@ def merge(
     ref: Annotated[str, typer.Argument(metavar="REF", help="The adapter: a lav2 artifact directory, or an official .pth with --base.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (written atomically).")],
     format: Annotated[Literal["lav2", "hf", "meta"], typer.Option("--format", "-f", help="lav2: folded base + sidecar for lav2; hf: transformers' Llama checkpoint; meta: consolidated.00.pth + params.json.")] = "lav2",
-    dtype: Annotated[Literal["auto", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16"], typer.Option("--dtype", help="Output dtype (folding is float32); auto = the base's stored dtype.")] = "auto",
+    dtype: Annotated[Literal["auto", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16"], typer.Option("--dtype", help=f"Output dtype: auto (the base's stored dtype), {DTYPES_HELP}; folding is float32.")] = "auto",
     base: Annotated[Optional[str], typer.Option("--base", help="Base LLaMA for an official .pth, or to override an artifact's.")] = None,
     clip: Annotated[Optional[str], typer.Option("--clip", help="open_clip encoder NAME[:PRETRAINED] for an official .pth.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (folding runs in float32 there).")] = "auto",

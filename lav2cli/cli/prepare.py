@@ -141,7 +141,7 @@ def prepare_mme(
 
 @app.command("easyvqa")
 def prepare_easyvqa(
-    out: _Out,
+    out: Annotated[str, typer.Option("--out", "-o", help="FILE.jsonl (FILE.manifest.json beside it); the images are copied to images/SPLIT/ beside it, so records cannot go to stdout.")],
     split: Annotated[Literal["train", "test", "both"], typer.Option("--split", help="Which easy-VQA set(s).")] = "both",
     kind: Annotated[Literal["vqa", "caption", "both"], typer.Option("--kind", help="Question records, caption records (a red circle), or both.")] = "both",
     instruction: _Instruction = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import typer
@@ -11,6 +12,13 @@ from lav2cli.cli.common import stderr
 from lav2cli.train import Trainer, prepare_out, resolve
 
 app = typer.Typer(add_completion=False)
+
+
+def resume_hint(saved_step: int, out: str) -> str:
+    """How to continue a run that stopped: the step its checkpoint holds and the command."""
+    if saved_step < 0:
+        return "no checkpoint was written yet (train.checkpoint_every sets how often)"
+    return f"checkpoint at step {saved_step}: resume with `lav2 train --out {shlex.quote(out)} --resume`"
 
 
 @app.command()
@@ -66,7 +74,16 @@ def train(
             table.add_row(f"trainable: {grp}", f"{n:,} parameters")
         table.add_row("steps", f"{trainer.total_steps} (lr {trainer.lr:.3g}, global batch {trainer.global_batch})")
         err.print(table)
-    info = trainer.run(stop_after=stop_after)
+    try:
+        info = trainer.run(stop_after=stop_after)
+    except KeyboardInterrupt:
+        if trainer.dist.main:
+            err.print(f"lav2: interrupted: training at step {trainer.step} of {trainer.total_steps}; "
+                      f"{resume_hint(trainer.last_saved, out)}", markup=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    if trainer.dist.main and info.steps < trainer.total_steps:  # --stop-after
+        err.print(f"lav2: note: stopped at step {info.steps} of {trainer.total_steps}; "
+                  f"{resume_hint(trainer.last_saved, out)}", markup=False, soft_wrap=True)
     if trainer.dist.main:
         err.print(f"done: {info.steps} steps, final loss {info.final_loss:.4f}, {info.tokens_per_s:.0f} tok/s, "
                   f"{info.seconds:.1f} s")

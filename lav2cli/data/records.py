@@ -28,10 +28,12 @@ This module imports nothing heavy (no torch, no PIL) so that any command can use
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 from lav2cli.errors import Lav2Error
 
@@ -143,32 +145,54 @@ def image_ref(path: str, base_dir: str | None) -> str:
     return os.path.relpath(absolute, base).replace(os.sep, "/")
 
 
-def read_records(path: str | os.PathLike[str]) -> Iterator[Record]:
+def _stdin_utf8() -> contextlib.AbstractContextManager[IO[str]]:
+    """Standard input as UTF-8 text, left open afterwards."""
+    try:
+        return open(sys.stdin.fileno(), encoding="utf-8", closefd=False)
+    except (AttributeError, OSError, ValueError):  # replaced by a stream without a descriptor (tests)
+        return contextlib.nullcontext(sys.stdin)
+
+
+def read_records(path: str | os.PathLike[str], images_root: str | os.PathLike[str] | None = None) -> Iterator[Record]:
     """Yield the records of a JSON lines file, validated, with image paths made absolute.
 
-    Relative image paths resolve against the folder holding ``path``. Blank lines are ignored.
-    The first malformed line (bad JSON, a missing or mistyped field, an unknown kind) raises
+    Relative image paths resolve against ``images_root`` when given, else against the folder
+    holding ``path``; ``path`` ``"-"`` reads standard input (relative paths then resolve against
+    ``images_root`` or the current folder). Blank lines are ignored. The first malformed line
+    (bad JSON, a missing or mistyped field, an unknown kind) raises
     :class:`~lav2cli.errors.Lav2Error` as ``"FILE:LINE: reason"``. Images are not opened here.
     """
     path = os.fspath(path)
-    base_dir = os.path.dirname(os.path.abspath(path))
-    try:
-        handle = open(path, encoding="utf-8")
-    except OSError as e:
-        raise Lav2Error(f"{path}: cannot read records: {e.strerror or e}") from None
-    with handle:
+    stdin = path == "-"
+    if images_root is not None:
+        base_dir = os.path.abspath(images_root)
+        if not os.path.isdir(base_dir):
+            raise Lav2Error(f"--images-root {images_root}: no such folder")
+    else:
+        base_dir = os.getcwd() if stdin else os.path.dirname(os.path.abspath(path))
+    if stdin:
+        handle, name = _stdin_utf8(), "<stdin>"
+    else:
+        name = path
+        try:
+            handle = open(path, encoding="utf-8")
+        except IsADirectoryError:
+            raise Lav2Error(f"{path}: a folder; give the records file (JSON lines) inside it") from None
+        except OSError as e:
+            raise Lav2Error(f"{path}: cannot read records: {e.strerror or e}") from None
+    with handle as lines:
         lineno = 0
         try:
-            for lineno, line in enumerate(handle, 1):
+            for lineno, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise Lav2Error(f"{path}:{lineno}: malformed json ({e.msg})") from None
+                    raise Lav2Error(f"{name}:{lineno}: malformed json ({e.msg})") from None
                 try:
                     yield Record.from_dict(obj, base_dir)
                 except ValueError as e:
-                    raise Lav2Error(f"{path}:{lineno}: {e}") from None
+                    raise Lav2Error(f"{name}:{lineno}: {e}") from None
         except UnicodeDecodeError:
-            raise Lav2Error(f"{path}:{lineno + 1}: not UTF-8 text") from None
+            raise Lav2Error(f"{name}:{lineno + 1}: not UTF-8 text") from None

@@ -49,7 +49,7 @@ QUESTION_TASKS = ("vqa", "mme")
 @dataclass
 class EvalOptions:
     task: str
-    data: Path
+    data: Path  # "-": standard input
     model: str | None = None
     base: str | None = None
     clip: str | None = None
@@ -70,6 +70,7 @@ class EvalOptions:
     caption_threshold: float = 0.2
     ocr_engine: str = "rapidocr"
     self_caption: bool = True  # vqa, mme: a model marked self_caption captions each image first
+    images_root: Path | None = None  # relative image paths resolve here (default: the records' folder)
 
     def expert_options(self) -> ExpertOptions:
         """The experts named (checked); the pipeline adds the model's own caption by its rule."""
@@ -190,10 +191,10 @@ def _predict(engine: Engine, opts: EvalOptions, todo: list[T.Unit], out: Path, e
     t0 = time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # a bar on a terminal only (a log file gets the summary line alone)
-    with open(out, "a", encoding="utf-8") as f, Progress(*columns, console=console, transient=True,
-                                                         disable=not console.is_terminal) as bar:
+    # a bar on a terminal only (a log file gets the summary line alone); the file is opened
+    # with the first batch's predictions, so that a run failing before them leaves no empty file
+    with _Appender(out) as f, Progress(*columns, console=console, transient=True,
+                                       disable=not console.is_terminal) as bar:
         job = bar.add_task(f"eval {opts.task}", total=len(todo))
         for start in range(0, len(todo), opts.batch_size):
             batch = todo[start:start + opts.batch_size]
@@ -236,7 +237,7 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] | None = None) -> dic
         raise Lav2Error(f"experts help answer questions about images: vqa and mme take --expert, {opts.task} does not")
     if named.experts and opts.predictions is not None:
         raise Lav2Error("--expert changes the prompts of a model run; it cannot apply to a --predictions file")
-    records = list(read_records(opts.data))
+    records = list(read_records(opts.data, opts.images_root))
     if not records:
         raise Lav2Error(f"{opts.data}: no records")
     sel = T.select(opts.task, records)
@@ -281,6 +282,7 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] | None = None) -> dic
         if preds and todo:
             log(f"resuming: {len(units) - len(todo)} of {len(units)} already in {opts.out}")
         if todo:
+            _check_images(todo, opts)
             pipeline.load()  # an expert that cannot run fails before the model loads
             engine = _load(opts)
             pipeline.bind(engine)
@@ -318,6 +320,45 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] | None = None) -> dic
         f.write("\n")
     result["metrics_file"] = str(where)
     return result
+
+
+class _Appender:
+    """Appends lines to a file that is created (folder included) only when the first line comes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.f = path, None
+
+    def write(self, text: str) -> None:
+        if self.f is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.f = open(self.path, "a", encoding="utf-8")
+        self.f.write(text)
+
+    def flush(self) -> None:
+        if self.f is not None:
+            self.f.flush()
+
+    def __enter__(self) -> "_Appender":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.f is not None:
+            self.f.close()
+
+
+def _check_images(units: list[T.Unit], opts: EvalOptions) -> None:
+    """Every image is there before the model loads; records copied away from their images get
+    the option that points back at them."""
+    for image in dict.fromkeys(u.image for u in units if u.image):
+        if not os.path.isfile(image):
+            if opts.images_root is not None:
+                where = f"--images-root {opts.images_root}"
+            elif str(opts.data) == "-":
+                where = "the current folder"
+            else:
+                where = f"the folder of {opts.data}"
+            raise Lav2Error(f"{image}: image not found (relative image paths resolve against {where}; "
+                            "--images-root DIR names the folder they are relative to)")
 
 
 def _check_experts(preds: dict[str, dict], pipeline: Pipeline, out: Path) -> None:

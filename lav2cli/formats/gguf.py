@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lav2cli.errors import Lav2Error
+from lav2cli.errors import Lav2Error, Lav2Note
 from lav2cli.fileio import atomic_dir, atomic_file, cache_root, sha256_file
 from lav2cli.formats import gguf_tokenizer
 from lav2cli.formats.base import BaseWeights, check_state_dict
@@ -256,7 +256,8 @@ def load(path: str | Path, cache_dir: str | Path | None = None) -> BaseWeights:
         _remember(key, p, st, sha)
         files = [p, entry / "model.safetensors"]
     except OSError as e:
-        warnings.warn(f"{root}: cannot write the GGUF cache ({e}); the next load converts again", stacklevel=2)
+        warnings.warn(f"{root}: cannot write the GGUF cache ({e.strerror or e}); the next load converts again "
+                      "(LAV2_CACHE names another cache folder)", Lav2Note, stacklevel=2)
         files = [p]
     return BaseWeights(config=config, state_dict=state, tokenizer=tokenizer, template=summary["template"],
                        source=p, format="gguf", files=files)

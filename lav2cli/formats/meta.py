@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lav2cli.errors import Lav2Error
+from lav2cli.errors import Lav2Error, Lav2Note
 from lav2cli.formats.base import (
     BaseWeights,
     check_state_dict,
@@ -108,7 +108,7 @@ def load(path: str | Path) -> BaseWeights:
         expect = ffn_hidden_dim(dim, int(params["multiple_of"]), params.get("ffn_dim_multiplier"))
         if expect != hidden:
             warnings.warn(f"{params_file}: multiple_of/ffn_dim_multiplier give hidden_dim {expect}, "
-                          f"but {w1} has {hidden} rows: using {hidden}", stacklevel=2)
+                          f"but {w1} has {hidden} rows: using {hidden}", Lav2Note, stacklevel=2)
     vocab = int(params.get("vocab_size", -1))
     emb_rows = int(first[emb].shape[0])
     if vocab <= 0:

@@ -64,8 +64,10 @@ class Job:
 
     def add_file(self, path: str | os.PathLike[str]) -> str:
         path = os.fspath(path)
+        if os.path.isdir(path):
+            raise Lav2Error(f"{path}: a folder, where a file is expected")
         if not os.path.isfile(path):
-            raise Lav2Error(f"{path}: no such file")
+            raise Lav2Error(f"{path}: " + ("not a regular file" if os.path.exists(path) else "no such file"))
         self.inputs.append({"path": os.path.abspath(path), "sha256": sha256_file(path)})
         return path
 
