@@ -403,3 +403,40 @@ def test_help_reads_well_in_80_columns():
         assert ("[required]" if task == "text" else "Required, unless --predictions") in out_help, task
     assert "or - for stdout" not in " ".join(pages["prepare easyvqa"][1].split())
     assert "or - for stdout" in " ".join(pages["prepare alpaca"][1].split())
+
+
+# -- the repository ----------------------------------------------------------------------------------
+
+DOCS = ["README.md", "benchmarks/README.md", "docs/model.md", "docs/evaluation.md", "CHANGELOG.md"]
+
+
+def anchors(markdown: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#+ (.+)$", markdown, re.M)}
+
+
+def test_every_reference_in_the_docs_resolves_in_a_clone():
+    for doc in DOCS:
+        path = ROOT / doc
+        text = path.read_text()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+://", target):
+                continue
+            file, _, anchor = target.partition("#")
+            dest = (path.parent / file).resolve() if file else path
+            assert dest.exists() and ROOT in dest.parents, (doc, target)
+            if anchor and dest.suffix == ".md":
+                assert anchor in anchors(dest.read_text()), (doc, target)
+        for named in re.findall(r"\b((?:recipes|benchmarks|docs|tests|lav2cli)/[\w./-]*\w)", text):
+            assert (ROOT / named).exists(), (doc, named)
+        assert not re.search(r"\.\./shared|DESIGN\.md|\bissue \d", text), doc
+
+
+def test_the_licence_pyproject_names_is_in_the_repository():
+    import tomllib
+
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"] == "Apache-2.0"
+    text = (ROOT / "LICENSE").read_text()
+    assert text.split()[:4] == ["Apache", "License", "Version", "2.0,"]
+    assert "END OF TERMS AND CONDITIONS" in text and len(text.splitlines()) == 202
