@@ -329,6 +329,22 @@ def test_ask_stdin_plain_text_names_the_image_of_each_answer(base_dir, images, t
     assert "image not found" in r.stderr and "reading image paths" not in r.stderr  # stdin is no terminal
 
 
+def test_ask_stdin_on_a_terminal_says_it_reads_image_paths():
+    import io
+    from types import SimpleNamespace
+
+    from lav2cli import ask
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    logs: list[str] = []
+    status = ask.run(SimpleNamespace(can_see=True), SimpleNamespace(experts=[]), "-", "q", None, as_json=False,
+                     show_prompt=False, model_name="m", stdin=Terminal(""), log=logs.append)
+    assert status == 0 and logs == ["reading image paths from stdin, one per line (Ctrl-D ends)"]
+
+
 # -- one set of --dtype names ------------------------------------------------------------------------
 
 
