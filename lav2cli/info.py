@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lav2cli import runlog
 from lav2cli.answer import self_captions
 from lav2cli.engine import Engine
 from lav2cli.model.adapter import param_role
+from lav2cli.recipe import PATH_FIELDS, in_effect, section_rows
 
 
 _ROLE_GROUPS = {"visual": "adapter: visual branch", "prompt": "adapter: prompts", "lora": "adapter: LoRA",
@@ -45,11 +47,31 @@ def describe(engine: Engine) -> dict[str, Any]:
                       "eos": engine.tokenizer.eos_id, "type": type(engine.tokenizer).__name__},
     }
     if cfg.meta.get("training"):
-        out["training"] = cfg.meta["training"]
+        out["training"] = with_final_losses(cfg.meta["training"], _artifact_dir(cfg.files))
     evals = evaluations(cfg.files)
     if evals:
         out["evaluations"] = evals
     return out
+
+
+def _artifact_dir(files: list) -> Path | None:
+    return next((Path(f).parent for f in files if Path(f).name == "lav2.json"), None)
+
+
+def with_final_losses(training: dict[str, Any], run_dir: Path | None) -> dict[str, Any]:
+    """The training record with each stage's final loss per stream (lav2cli.runlog): as
+    recorded, or, where a stage recorded only its last step's loss (lav2 before 0.2), derived
+    from the stage's log in the artifact (`final_loss_from` names the file)."""
+    chain = [dict(st) for st in runlog.stages(training)]
+    logs = runlog.stage_logs(run_dir, len(chain)) if run_dir is not None else [None] * len(chain)
+    for st, log in zip(chain, logs):
+        if not isinstance(st.get("final_loss"), dict) and log is not None:
+            losses = runlog.final_losses(runlog.read_metrics(log))
+            if losses:
+                st["final_loss"], st["final_loss_from"] = losses, log.name
+    for earlier, st in zip(chain, chain[1:]):
+        st["previous"] = earlier
+    return chain[-1]
 
 
 def evaluations(files: list) -> list[dict[str, Any]]:
@@ -77,31 +99,50 @@ _HEADLINE = {"vqa": ("accuracy",), "text": ("contains_answer", "exact_match", "l
 def _training_rows(tr: dict[str, Any]) -> list[tuple[str, str]]:
     """Rows for each training stage, the earliest first (a stage that continued an artifact
     keeps that artifact's record under `previous`)."""
-    stages = []
-    while isinstance(tr, dict) and tr:
-        stages.append(tr)
-        tr = tr.get("previous")
+    stages = runlog.stages(tr)
     rows: list[tuple[str, str]] = []
-    for i, st in enumerate(reversed(stages)):
+    for i, st in enumerate(stages):
         label = f"stage {i + 1} ({st.get('stage')}): " if len(stages) > 1 else ""
-        rows += [(label + k, v) for k, v in _stage_rows(st)]
+        rows += [(label + k, v) for k, v in _stage_rows(st, continues=i > 0)]
     return rows
 
 
-def _stage_rows(tr: dict[str, Any]) -> list[tuple[str, str]]:
+def _final_loss(tr: dict[str, Any]) -> str:
+    loss = tr.get("final_loss")
+    if isinstance(loss, dict):
+        window = tr.get("final_loss_window", runlog.FINAL_WINDOW)
+        source = f", from {tr['final_loss_from']}" if tr.get("final_loss_from") else ""
+        return f"{runlog.format_losses(loss)} (per token, last {window} logged steps of each stream{source})"
+    if isinstance(loss, (int, float)):
+        return f"{loss:.3g} (the last step's only)"
+    return "not recorded"
+
+
+def _number(value: Any, fmt: str) -> str:
+    return format(value, fmt) if isinstance(value, (int, float)) else "?"
+
+
+def _stage_rows(tr: dict[str, Any], continues: bool = False) -> list[tuple[str, str]]:
     rows = [("training", f"stage {tr.get('stage')}, {tr.get('step')}/{tr.get('total_steps')} steps"
                          f"{'' if tr.get('complete') else ' (incomplete)'}, global batch {tr.get('global_batch')}, "
-                         f"peak lr {tr.get('lr', 0):.3g}, final loss {tr.get('final_loss', float('nan')):.3f}")]
+                         f"peak lr {_number(tr.get('lr'), '.3g')}"),
+            ("final loss", _final_loss(tr))]
     if "seconds" in tr:
-        rows.append(("training time", f"{tr['seconds']:,.0f} s on {tr.get('device')} x{tr.get('world_size', 1)}, "
-                                      f"{tr.get('tokens_per_s', 0):,.0f} tokens/s"))
+        rows.append(("training time", f"{_number(tr['seconds'], ',.0f')} s on {tr.get('device')} "
+                                      f"x{tr.get('world_size', 1)}, {_number(tr.get('tokens_per_s'), ',.0f')} tokens/s"))
     for grp, n in (tr.get("data") or {}).items():
         rows.append((f"training data: {grp}", f"{n:,} examples per epoch"))
     for grp, n in (tr.get("groups") or {}).items():
         rows.append((f"trained: {grp}", f"{n:,} parameters"))
-    for section, values in (tr.get("recipe") or {}).items():
-        if isinstance(values, dict):
-            rows.append((f"recipe: [{section}]", ", ".join(f"{k}={v}" for k, v in values.items())))
+    recipe = tr.get("recipe") or {}
+    if isinstance(recipe, dict) and recipe:
+        # a stage continuing an artifact took its adapter and encoder: the rest of the
+        # recipe's [model] and [adapter] did not apply (older records still list it)
+        for label, text in section_rows(in_effect(recipe, continues)):
+            rows.append((f"recipe: {label}", text))
+        paths = [recipe.get(sec, {}).get(key) for sec, key in PATH_FIELDS if isinstance(recipe.get(sec), dict)]
+        if any(isinstance(v, str) and "/" in v and not Path(v).is_absolute() for v in paths):
+            rows.append(("recipe: paths", "relative to the run directory it was trained in"))
     return rows
 
 
@@ -110,7 +151,7 @@ def render(info: dict[str, Any], console) -> None:
 
     t = Table(title=f"lav2 info {info['ref']}", show_header=False, title_justify="left")
     t.add_column(style="bold")
-    t.add_column()
+    t.add_column(overflow="fold")  # long paths wrap instead of ending in "..."
     t.add_row("kind", info["kind"])
     t.add_row("base", f"{info['base']} ({info['base_format']})")
     L = info["llama"]

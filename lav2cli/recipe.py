@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import copy
+import os
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -22,6 +24,14 @@ STAGE_STREAMS: dict[str, tuple[str, ...]] = {
     "pretrain": ("image_text",), "finetune": ("instruction",), "joint": ("image_text", "instruction"),
 }
 STAGES = tuple(STAGE_STREAMS)
+
+# the fields that name files: a recipe given with --recipe has them relative to the directory
+# lav2 runs in; the recipe a run saves has them relative to the run directory (where its
+# recipe.toml lies), so that the run resumes from anywhere and records no machine's paths
+PATH_FIELDS = (("model", "ref"), ("model", "base"), ("data", "image_text"), ("data", "instruction"), ("data", "text"))
+# a stage whose model.ref is an artifact takes that artifact's adapter and image encoder: of
+# [model] and [adapter] only these fields apply to it (lora_rank adds LoRA to an artifact without)
+CONTINUING_FIELDS = {"model": ("ref", "base"), "adapter": ("lora_rank",)}
 
 
 @dataclass
@@ -100,6 +110,19 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def relative_paths(self, base: str | Path) -> Recipe:
+        """A copy whose absolute PATH_FIELDS are relative to `base` (model names stay as they are)."""
+        r = copy.deepcopy(self)
+        base = Path(base).resolve()
+        for section, key in PATH_FIELDS:
+            value = getattr(getattr(r, section), key)
+            if value and Path(value).is_absolute():
+                try:
+                    setattr(getattr(r, section), key, Path(os.path.relpath(value, base)).as_posix())
+                except ValueError:  # another drive (Windows): only absolute works
+                    pass
+        return r
 
     def adapter_config(self) -> AdapterConfig:
         """The adapter shape; the visual branch's input width (0) is set from the encoder on load."""
@@ -181,6 +204,16 @@ def _apply(recipe: Recipe, data: dict[str, Any], where: str) -> None:
             setattr(section, key, _coerce(f"{where}: {sec_name}.{key}", value, hints[key]))
 
 
+def _paths_from(recipe: Recipe, base: Path) -> None:
+    for section, key in PATH_FIELDS:
+        value = getattr(getattr(recipe, section), key)
+        if not value or Path(value).expanduser().is_absolute():
+            continue
+        there = Path(os.path.normpath(base / value))
+        if section == "data" or there.exists():
+            setattr(getattr(recipe, section), key, str(there))
+
+
 def parse_set(item: str) -> dict[str, Any]:
     """`train.batch_size=8` -> {"train": {"batch_size": 8}}; values are TOML (bare words are strings)."""
     key, eq, raw = item.partition("=")
@@ -233,7 +266,27 @@ def validate(r: Recipe) -> None:
         raise Lav2Error(f"stage {t.stage} trains the visual branch, but adapter.visual is false")
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+def in_effect(recipe: dict[str, Any], continues: bool) -> dict[str, Any]:
+    """A recipe's sections (Recipe.to_dict()) without the fields that do not apply: for a stage
+    that continues an artifact, those CONTINUING_FIELDS leaves out."""
+    if not continues:
+        return recipe
+    return {sec: ({k: v for k, v in values.items() if k in CONTINUING_FIELDS[sec]}
+                  if sec in CONTINUING_FIELDS and isinstance(values, dict) else values)
+            for sec, values in recipe.items()}
+
+
+def section_rows(recipe: dict[str, Any]) -> list[tuple[str, str]]:
+    """One ("[section]", "key=value, ...") row per section: a recipe in a few lines."""
+    return [(f"[{sec}]", ", ".join(f"{k}={v}" for k, v in values.items()))
+            for sec, values in recipe.items() if isinstance(values, dict)]
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = (), paths_from: str | Path | None = None) -> Recipe:
+    """The recipe in the TOML file `path` (defaults for what it leaves out), then the --set
+    `overrides`, validated. `paths_from`: the file's relative paths are relative to this
+    directory (a run's saved recipe.toml: the run directory); a relative model.ref or base
+    that names nothing there stays as written (a registered name)."""
     recipe = Recipe()
     if path is not None:
         p = Path(path)
@@ -248,6 +301,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         except tomllib.TOMLDecodeError as e:
             raise Lav2Error(f"{p}: not valid TOML ({e})") from None
         _apply(recipe, data, str(p))
+        if paths_from is not None:
+            _paths_from(recipe, Path(paths_from))
     for item in overrides:
         _apply(recipe, parse_set(item), f"--set {item}")
     validate(recipe)

@@ -1,7 +1,7 @@
 """The `lav2` command line: the Typer app, its command table and the console entry point.
 
 Each command group lives in its own module here (prepare, train, eval, merge, bench, ask,
-info), which calls the library with explicit keyword arguments. A module is imported only when
+info, plot), which calls the library with explicit keyword arguments. A module is imported only when
 its command runs or shows its help: the library behind most commands imports torch, which
 takes seconds, so `lav2 --help` lists the commands from `COMMANDS` without importing them.
 
@@ -54,6 +54,8 @@ COMMANDS: dict[str, Command] = {
     "prepare": Command("lav2cli.cli.prepare", "Convert a dataset into lav2 records (JSON lines) plus a manifest."),
     "eval": Command("lav2cli.cli.eval", "Score a model on VQA, COCO-style captions, MME or held-out text; "
                                         "predictions as JSON lines."),
+    "plot": Command("lav2cli.cli.plot", "Draw the loss (per stream, smoothed) and learning rate of training runs, "
+                                        "to compare them."),
     "bench": Command("lav2cli.cli.bench", "Throughput on random weights of a named shape (tiny, smollm2-135m, "
                                           "llama-7b, llama-13b)."),
 }

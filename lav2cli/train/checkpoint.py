@@ -2,8 +2,10 @@
 
     adapter.safetensors, lav2.json   the artifact (the stage's tensors, released names)
     trainer_state.pt                 step, AdamW and schedule state, RNG states, stream positions
-    metrics.jsonl                    one line per logged step
-    recipe.toml                      the recipe the run uses (--resume reads it)
+    metrics.jsonl                    one line per logged step (lav2cli.runlog reads it)
+    recipe.toml                      the recipe the run uses (--resume reads it), paths relative to the run
+    events.out.tfevents.*            the same steps for TensorBoard (board.py), carried over by each swap
+    metrics-stageN.jsonl             the logs of the stages of the artifact the run continued
 
 Every checkpoint writes them all in one atomic directory swap.
 """
@@ -24,11 +26,13 @@ from lav2cli.errors import Lav2Error
 from lav2cli.formats import artifact
 from lav2cli.model.adapter import LlamaAdapterV2
 from lav2cli.recipe import Recipe
+from lav2cli.runlog import METRICS_FILE, STAGE_GLOB
+from lav2cli.train.board import EVENTS_GLOB
 from lav2cli.train.distributed import full_tensor, like
 
 STATE_FILE = "trainer_state.pt"
-METRICS_FILE = "metrics.jsonl"
 RECIPE_FILE = "recipe.toml"
+RECIPE_HEADER = "# The recipe of this run (lav2 train --resume reads it). Paths are relative to this directory.\n\n"
 
 
 def prepare_out(out: Path, resume: bool, force: bool) -> None:
@@ -45,6 +49,8 @@ def prepare_out(out: Path, resume: bool, force: bool) -> None:
     # its state for --resume to pick up); files of the user's own stay
     for name in (METRICS_FILE, STATE_FILE, RECIPE_FILE, artifact.WEIGHTS, artifact.META):
         (out / name).unlink(missing_ok=True)
+    for f in [*out.glob(EVENTS_GLOB), *out.glob(STAGE_GLOB)]:
+        f.unlink()
 
 
 # -- save --------------------------------------------------------------------------------------
@@ -86,7 +92,7 @@ def write(out: Path, engine: Engine, tensors: dict[str, torch.Tensor], state: di
     # caption_context marks the artifact; otherwise the mark of the artifact continued stays
     engine.save_adapter(out, training=training, tensors=tensors, self_caption=recipe.data.caption_context or None,
                         extra_files={STATE_FILE: buf.getvalue(), METRICS_FILE: metrics,
-                                     RECIPE_FILE: recipe.render_toml().encode()})
+                                     RECIPE_FILE: (RECIPE_HEADER + recipe.render_toml()).encode()})
 
 
 def append_metrics(out: Path, record: dict[str, Any]) -> None:
@@ -135,6 +141,14 @@ def restore_trainer_state(state: dict[str, Any], optimizer: torch.optim.Optimize
 def seconds_trained(out: Path) -> float:
     """Training time recorded by the run in `out` so far."""
     return float(artifact.read_meta(out).get("training", {}).get("seconds") or 0.0)
+
+
+def training_record(out: Path) -> dict[str, Any]:
+    """The training record of the run's last checkpoint (lav2.json `training`; {} without one)."""
+    if not (out / artifact.META).is_file():
+        return {}
+    record = artifact.read_meta(out).get("training")
+    return record if isinstance(record, dict) else {}
 
 
 def keep_metrics(out: Path, step: int) -> None:

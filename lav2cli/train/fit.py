@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -19,11 +20,14 @@ from typing import Any, Callable
 
 import torch
 
+from lav2cli import runlog
 from lav2cli.data.dataset import Batch, collate
 from lav2cli.errors import Lav2Error
-from lav2cli.recipe import Recipe
+from lav2cli.formats import classify
+from lav2cli.recipe import Recipe, in_effect
 from lav2cli.templates import IGNORE_INDEX
 from lav2cli.train import checkpoint
+from lav2cli.train.board import Board
 from lav2cli.train.distributed import all_reduce_sum, clip_grad_norm, init_distributed, leave, sum_grads
 from lav2cli.train.features import (feature_norm_state, image_reader, raw_clip_proj, restore_feature_norm,
                                     standardizes, start_standardized)
@@ -32,13 +36,32 @@ from lav2cli.train.setup import (image_paths, load_engine, make_schedule, make_s
                                  select_trainable)
 
 
+try:
+    import resource  # peak memory of the process (POSIX)
+except ImportError:
+    resource = None
+
+
 @dataclass
 class RunInfo:
     out: Path
     steps: int
-    final_loss: float
-    tokens_per_s: float
+    final_loss: dict[str, float]  # per stream (lav2cli.runlog)
+    tokens_per_s: float | None
     seconds: float
+    total_steps: int = 0
+    already_complete: bool = False  # --resume of a finished run: nothing was done or written
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    """Peak memory so far: on CUDA what tensors took on the device, on CPU the process's peak
+    resident set."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    if resource is None:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
 class Trainer:
@@ -67,12 +90,15 @@ class Trainer:
         # where it starts
         self.step, self.last_saved = 0, -1
         self.seconds_before = 0.0  # training time of the run before a --resume
+        self.already_complete = False
         self.standardize = standardizes(t, self.params, self.image_fn, log)
         if resume:
             self._restore()
         elif self.standardize:
             start_standardized(self.model, self.image_fn, self.image_paths, self.device, t.seed,
                                clip_proj_trained="clip_proj.weight" in self.initial, log=log)
+        if self.previous_stage and not resume and self.dist.main:  # the continued stages' logs travel on
+            runlog.carry_history(classify(recipe.model.ref)[1], len(runlog.stages(self.previous_stage)), out)
 
     def print_groups(self) -> list[tuple[str, int]]:
         """(group, number of trainable values) for each group of the stage."""
@@ -137,8 +163,16 @@ class Trainer:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         t = self.recipe.train
+        if self.already_complete:  # --resume of a finished run: nothing to do, nothing written
+            self.pool.shutdown()
+            leave(self.dist)
+            losses = runlog.final_losses(runlog.read_metrics(self.out / runlog.METRICS_FILE))
+            return RunInfo(self.out, self.step, losses, checkpoint.training_record(self.out).get("tokens_per_s"), 0.0,
+                           self.total_steps, already_complete=True)
         end = min(self.total_steps, stop_after) if stop_after else self.total_steps
         start, t0, tokens, last = self.step, time.perf_counter(), 0, {}
+        # resumed: the new event file purges the steps after the checkpoint, logged again
+        board = Board(self.out, purge_step=start + 1 if start else None) if self.dist.main else None
         progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                             TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
                             disable=not (self.show_progress and self.dist.main), transient=False,
@@ -155,21 +189,28 @@ class Trainer:
                 tokens += rec["tokens"]
                 elapsed = time.perf_counter() - t0
                 rec["tokens_per_s"] = round(tokens / elapsed, 1) if elapsed > 0 else 0.0
+                rec["memory_mb"] = peak_memory_mb(self.device)
                 last = rec
                 if self.dist.main and (self.step % max(1, t.log_every) == 0 or self.step == self.total_steps or self.step == start + 1):
                     checkpoint.append_metrics(self.out, rec)
+                    board.log(rec)
                 progress.update(task, completed=self.step,
                                 status=f"loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  {rec['tokens_per_s']:.0f} tok/s")
                 if t.checkpoint_every > 0 and self.step % t.checkpoint_every == 0 and self.step < self.total_steps:
                     self.save(False, self._summary(last, tokens, t0))
-        self.save(self.step >= self.total_steps, self._summary(last, tokens, t0))
+        summary = self._summary(last, tokens, t0)
+        self.save(self.step >= self.total_steps, summary)
+        if board is not None:
+            board.close()
         self.pool.shutdown()
         leave(self.dist)
-        return RunInfo(self.out, self.step, last.get("loss", float("nan")), last.get("tokens_per_s", 0.0),
-                       time.perf_counter() - t0)
+        return RunInfo(self.out, self.step, summary["final_loss"], last.get("tokens_per_s"),
+                       time.perf_counter() - t0, self.total_steps)
 
     def _summary(self, last: dict, tokens: int, t0: float) -> dict[str, Any]:
-        return {"final_loss": last.get("loss"), "tokens_per_s": last.get("tokens_per_s"),
+        # the final loss from the whole log (steps before a --resume included): rank 0 writes it
+        losses = runlog.final_losses(runlog.read_metrics(self.out / runlog.METRICS_FILE)) if self.dist.main else {}
+        return {"final_loss": losses, "final_loss_window": runlog.FINAL_WINDOW, "tokens_per_s": last.get("tokens_per_s"),
                 "seconds": round(self.seconds_before + time.perf_counter() - t0, 2), "device": str(self.device),
                 "world_size": self.dist.world, "global_batch": self.global_batch, "lr": self.lr}
 
@@ -187,13 +228,15 @@ class Trainer:
                                          feature_norm_state(self.model))
         if not self.dist.main:
             return
+        # the recipe as saved: paths relative to the run directory, only the fields that apply
+        saved = self.recipe.relative_paths(self.out)
         training = {**summary, "stage": self.recipe.train.stage, "step": self.step, "total_steps": self.total_steps,
-                    "complete": complete, "recipe": self.recipe.to_dict(),
+                    "complete": complete, "recipe": in_effect(saved.to_dict(), continues=bool(self.initial)),
                     "data": {n: len(s.examples) for n, s in self.streams.items()},
                     "groups": dict(self.print_groups())}
         if self.previous_stage:
             training["previous"] = self.previous_stage
-        checkpoint.write(self.out, self.engine, tensors, state, training, self.recipe)
+        checkpoint.write(self.out, self.engine, tensors, state, training, saved)
         self.last_saved = self.step
 
     def _restore(self) -> None:
@@ -202,7 +245,20 @@ class Trainer:
         restore_feature_norm(self.model, state.get("feature_norm"), self.standardize, self.out)
         self.step = checkpoint.restore_trainer_state(state, self.optimizer, self.scheduler, self.streams)
         self.last_saved = self.step
+        if self.step >= self.total_steps:
+            self.already_complete = True  # run() returns at once; nothing in the run changes
+            return
         self.seconds_before = checkpoint.seconds_trained(self.out)
         if self.dist.main:
             checkpoint.keep_metrics(self.out, self.step)
         self.log(f"resuming {self.out} at step {self.step} of {self.total_steps}")
+        planned = checkpoint.training_record(self.out).get("total_steps")
+        before = self.optimizer.param_groups[0]["lr"]  # the rate the saved schedule gives the next step
+        # the rates of this run's schedule at this step (the same ones, unless its length changed)
+        self.scheduler.last_epoch -= 1
+        self.scheduler.step()
+        if isinstance(planned, int) and planned != self.total_steps:
+            self.log(f"the run was planned for {planned} steps and now has {self.total_steps}: from step "
+                     f"{self.step + 1} the learning rate follows the {self.total_steps}-step schedule (its cosine "
+                     f"reaches train.min_lr at step {self.total_steps}): {self.scheduler.get_last_lr()[0]:.3g} at "
+                     f"step {self.step + 1}, where the {planned}-step schedule gave {before:.3g}")

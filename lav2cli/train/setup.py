@@ -22,7 +22,7 @@ from lav2cli.engine import Engine, load, resolve_device
 from lav2cli.errors import Lav2Error
 from lav2cli.formats import artifact, classify
 from lav2cli.model.adapter import LlamaAdapterV2
-from lav2cli.recipe import STAGE_STREAMS, Recipe, TrainSection, load_recipe
+from lav2cli.recipe import PATH_FIELDS, STAGE_STREAMS, Recipe, TrainSection, load_recipe
 from lav2cli.train.checkpoint import RECIPE_FILE, STATE_FILE
 from lav2cli.train.distributed import Dist, shard_blocks
 from lav2cli.train.groups import IMAGE_TEXT, INSTRUCTION
@@ -33,13 +33,14 @@ def resolve(recipe_path: str | None, overrides: list[str], out: Path, resume: bo
     if resume:
         if not (out / STATE_FILE).is_file():
             raise Lav2Error(f"--resume: {out} holds no training checkpoint ({STATE_FILE})")
-        return load_recipe(out / RECIPE_FILE, overrides)
-    if recipe_path is None:
-        raise Lav2Error("--recipe is required (or --resume with a run directory)")
-    r = load_recipe(recipe_path, overrides)
-    # the saved recipe must work from any directory: paths become absolute
-    for section, key in (("model", "ref"), ("model", "base"), ("data", "image_text"), ("data", "instruction"),
-                         ("data", "text")):
+        # the saved recipe's paths are relative to the run directory (Recipe.relative_paths)
+        r = load_recipe(out / RECIPE_FILE, overrides, paths_from=out.resolve())
+    else:
+        if recipe_path is None:
+            raise Lav2Error("--recipe is required (or --resume with a run directory)")
+        r = load_recipe(recipe_path, overrides)
+    # while it runs, paths are absolute: the recipe works whatever the current directory
+    for section, key in PATH_FIELDS:
         value = getattr(getattr(r, section), key)
         if value and Path(value).expanduser().exists():
             setattr(getattr(r, section), key, str(Path(value).expanduser().resolve()))
