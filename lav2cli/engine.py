@@ -147,6 +147,12 @@ def assemble(cfg: LlamaConfig, adapter: AdapterConfig | None, base: BaseWeights,
                                 f"(variant {adapter.variant if adapter else 'none'})")
             if tuple(t.shape) != tuple(released[k].shape):
                 raise Lav2Error(f"{adapter_file}: tensor {k} has shape {tuple(t.shape)}, the model needs {tuple(released[k].shape)}")
+            # every adapter reaches the model here (artifact, released .pth, a run resumed): a
+            # diverged or corrupt one would otherwise answer "" without a word
+            bad = int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
+            if bad:
+                raise Lav2Error(f"{adapter_file}: tensor {k} holds {bad} non-finite value(s) (NaN or infinity) "
+                                f"of {t.numel()}: a diverged or corrupt adapter")
         if strict_adapter:
             lacking = [n for n in released if n not in adapter_sd]
             if lacking:

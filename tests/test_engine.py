@@ -169,7 +169,7 @@ def test_official_file_is_not_unpickled_unsafely(tmp_path, meta_dir):
 
     f = tmp_path / "evil.pth"
     torch.save({"model": Evil()}, f)
-    with pytest.raises(Lav2Error, match="not a loadable checkpoint"):
+    with pytest.raises(Lav2Error, match="evil.pth: not a tensor checkpoint: it holds Python objects lav2 will not unpickle"):
         engine.load(str(f), base=str(meta_dir), clip=CLIP, device="cpu")
 
 

@@ -560,10 +560,10 @@ def test_read_records_resolves_images_and_validates(tmp_path):
     with pytest.raises(Lav2Error, match=r"bad\.jsonl:2: malformed json"):
         list(read_records(bad))
     bad.write_text(json.dumps(rec("a", None, "x", "y", "picture", "s")) + "\n")
-    with pytest.raises(Lav2Error, match=r"bad\.jsonl:1: field 'kind' is 'picture'"):
+    with pytest.raises(Lav2Error, match=r'bad\.jsonl:1: field kind must be one of caption, instruction, vqa, not "picture"'):
         list(read_records(bad))
     bad.write_text('{"id": "a", "image": null, "instruction": "x", "kind": "vqa", "source": "s"}\n')
-    with pytest.raises(Lav2Error, match=r"bad\.jsonl:1: missing field\(s\) output"):
+    with pytest.raises(Lav2Error, match=r"bad\.jsonl:1: field output is missing"):
         list(read_records(bad))
 
 

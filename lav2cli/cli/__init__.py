@@ -138,6 +138,11 @@ def plain_help(command: Any) -> None:
         plain_help(sub)
 
 
+class _EndOfFile(Exception):
+    """An EOFError out of a command. Click answers one with a bare "Aborted!" (meant for Ctrl-D at
+    a prompt; lav2 prompts for nothing), which names nothing: main() reports the EOFError instead."""
+
+
 class LazyGroup(TyperGroup):
     """The root group: the help lists `COMMANDS` by their summaries; a command's module is
     imported when that command is resolved."""
@@ -161,6 +166,12 @@ class LazyGroup(TyperGroup):
         if cmd_name not in self._loaded:
             self._loaded[cmd_name] = load_command(cmd_name)
         return self._loaded[cmd_name]
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EOFError as e:
+            raise _EndOfFile() from e
 
     def format_help(self, ctx: typer.Context, formatter: Any) -> None:
         self.help = tidy_help(self.help, help_width())
@@ -335,5 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # an unexpected failure still gets one line unless --debug
         if _debug():
             raise
+        if isinstance(e, _EndOfFile):
+            e = e.__cause__ or e
         print(f"lav2: error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
         sys.exit(1)

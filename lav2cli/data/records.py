@@ -29,13 +29,13 @@ This module imports nothing heavy (no torch, no PIL) so that any command can use
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 from dataclasses import dataclass, field
 from typing import IO, Any, Iterator
 
 from lav2cli.errors import Lav2Error
+from lav2cli.schema import Field, SchemaError, check, nonempty, one_of, parse_json
 
 KINDS = ("caption", "instruction", "vqa")
 CORE_FIELDS = ("id", "image", "instruction", "input", "output", "kind", "source")
@@ -84,34 +84,32 @@ class Record:
         obj.update(self.extra)
         return obj
 
+    def problem(self) -> str | None:
+        """Why :func:`read_records` would refuse this record once written (None: it would read it
+        back): writers check with the same :data:`RECORD` shape as the reader."""
+        clash = sorted(set(self.extra) & set(CORE_FIELDS))
+        if clash:
+            return f"task field {clash[0]!r} would overwrite the core field"
+        obj = {"id": self.id, "image": self.image, "instruction": self.instruction, "input": self.input,
+               "output": self.output, "kind": self.kind, "source": self.source, **self.extra}
+        try:
+            check(obj, RECORD, "a record")
+        except SchemaError as e:
+            return str(e)
+        return None
+
     @classmethod
     def from_dict(cls, obj: Any, base_dir: str | None = None) -> "Record":
-        """Validate one parsed JSON object; raises ValueError saying what is wrong.
+        """Validate one parsed JSON object against :data:`RECORD`; raises ValueError (a
+        SchemaError) naming the bad field.
 
         A relative ``image`` is joined to ``base_dir`` (when given) and normalised.
         ``input`` may be absent (it then reads as ``""``).
         """
-        if not isinstance(obj, dict):
-            raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-        missing = [k for k in CORE_FIELDS if k not in obj and k != "input"]
-        if missing:
-            raise ValueError(f"missing field(s) {', '.join(missing)}")
-        for key in ("id", "instruction", "output", "kind", "source"):
-            if not isinstance(obj[key], str):
-                raise ValueError(f"field {key!r} must be a string")
-        if obj["id"] == "":
-            raise ValueError("field 'id' is empty")
-        text_input = obj.get("input", "")
-        if not isinstance(text_input, str):
-            raise ValueError("field 'input' must be a string")
-        if obj["kind"] not in KINDS:
-            raise ValueError(f"field 'kind' is {obj['kind']!r}, expected one of {', '.join(KINDS)}")
+        check(obj, RECORD, "a record")
         image = obj["image"]
-        if image is not None:
-            if not isinstance(image, str) or image == "":
-                raise ValueError("field 'image' must be a path or null")
-            if base_dir is not None and not os.path.isabs(image):
-                image = os.path.normpath(os.path.join(base_dir, image))
+        if image is not None and base_dir is not None and not os.path.isabs(image):
+            image = os.path.normpath(os.path.join(base_dir, image))
         extra = {k: v for k, v in obj.items() if k not in CORE_FIELDS}
         return cls(
             id=obj["id"],
@@ -120,9 +118,28 @@ class Record:
             output=obj["output"],
             kind=obj["kind"],
             source=obj["source"],
-            input=text_input,
+            input=obj.get("input", ""),
             extra=extra,
         )
+
+
+def _image_path(v: str) -> str | None:
+    if not v:
+        return "a path or null"
+    return "a path without NUL characters" if "\0" in v else None
+
+
+# The one shape of a record, for the reader (Record.from_dict) and every writer (Record.problem).
+# Task fields beyond these are free JSON (their strings must still be text).
+RECORD = Field("object", fields={
+    "id": Field("str", required=True, rule=nonempty),
+    "image": Field("str", required=True, null=True, rule=_image_path),
+    "instruction": Field("str", required=True),
+    "input": Field("str"),
+    "output": Field("str", required=True),
+    "kind": Field("str", required=True, rule=one_of(*KINDS)),
+    "source": Field("str", required=True),
+})
 
 
 def image_ref(path: str, base_dir: str | None) -> str:
@@ -145,12 +162,12 @@ def image_ref(path: str, base_dir: str | None) -> str:
     return os.path.relpath(absolute, base).replace(os.sep, "/")
 
 
-def _stdin_utf8() -> contextlib.AbstractContextManager[IO[str]]:
-    """Standard input as UTF-8 text, left open afterwards."""
-    try:
-        return open(sys.stdin.fileno(), encoding="utf-8", closefd=False)
-    except (AttributeError, OSError, ValueError):  # replaced by a stream without a descriptor (tests)
-        return contextlib.nullcontext(sys.stdin)
+def _stdin_bytes() -> contextlib.AbstractContextManager[IO[bytes]]:
+    """Standard input as bytes, left open afterwards."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is not None:
+        return contextlib.nullcontext(buffer)
+    return contextlib.nullcontext(sys.stdin)  # a text stream put in its place (tests): lines are str
 
 
 def read_records(path: str | os.PathLike[str], images_root: str | os.PathLike[str] | None = None) -> Iterator[Record]:
@@ -158,9 +175,10 @@ def read_records(path: str | os.PathLike[str], images_root: str | os.PathLike[st
 
     Relative image paths resolve against ``images_root`` when given, else against the folder
     holding ``path``; ``path`` ``"-"`` reads standard input (relative paths then resolve against
-    ``images_root`` or the current folder). Blank lines are ignored. The first malformed line
-    (bad JSON, a missing or mistyped field, an unknown kind) raises
-    :class:`~lav2cli.errors.Lav2Error` as ``"FILE:LINE: reason"``. Images are not opened here.
+    ``images_root`` or the current folder). Blank lines are ignored, and a UTF-8 byte-order mark
+    before the first line. The first bad line (not UTF-8, bad JSON, a record that does not fit
+    :data:`RECORD`, an id seen on an earlier line) raises :class:`~lav2cli.errors.Lav2Error` as
+    ``"FILE:LINE: reason"``. Images are not opened here.
     """
     path = os.fspath(path)
     stdin = path == "-"
@@ -171,28 +189,28 @@ def read_records(path: str | os.PathLike[str], images_root: str | os.PathLike[st
     else:
         base_dir = os.getcwd() if stdin else os.path.dirname(os.path.abspath(path))
     if stdin:
-        handle, name = _stdin_utf8(), "<stdin>"
+        handle, name = _stdin_bytes(), "<stdin>"
     else:
         name = path
         try:
-            handle = open(path, encoding="utf-8")
+            handle = open(path, "rb")  # bytes: each line decoded alone, so a bad byte is reported on its line
         except IsADirectoryError:
             raise Lav2Error(f"{path}: a folder; give the records file (JSON lines) inside it") from None
         except OSError as e:
             raise Lav2Error(f"{path}: cannot read records: {e.strerror or e}") from None
+    first_line: dict[str, int] = {}
     with handle as lines:
-        lineno = 0
         try:
             for lineno, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
                 try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise Lav2Error(f"{name}:{lineno}: malformed json ({e.msg})") from None
-                try:
-                    yield Record.from_dict(obj, base_dir)
+                    record = Record.from_dict(parse_json(line), base_dir)
                 except ValueError as e:
                     raise Lav2Error(f"{name}:{lineno}: {e}") from None
-        except UnicodeDecodeError:
-            raise Lav2Error(f"{name}:{lineno + 1}: not UTF-8 text") from None
+                first = first_line.setdefault(record.id, lineno)
+                if first != lineno:
+                    raise Lav2Error(f"{name}:{lineno}: duplicate id {record.id!r} (first on line {first})")
+                yield record
+        except OSError as e:
+            raise Lav2Error(f"{name}: cannot read records: {e.strerror or e}") from None

@@ -37,6 +37,7 @@ from lav2cli.experts import ExpertOptions
 from lav2cli.fileio import atomic_file
 from lav2cli.inference.generate import Sampling
 from lav2cli.registry import DEFAULT_MODEL
+from lav2cli.schema import JSONProblem, parse_json
 
 __all__ = ["EvalOptions", "run", "evaluate", "metrics_path", "read_predictions"]
 
@@ -124,9 +125,9 @@ def read_predictions(path: Path, owner: dict[str, str], data: Path, *, model: st
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise Lav2Error(f"{path}:{lineno}: malformed json ({e})") from None
+            obj = parse_json(line)
+        except JSONProblem as e:
+            raise Lav2Error(f"{path}:{lineno}: {e}") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
             raise Lav2Error(f"{path}:{lineno}: a prediction needs a string \"id\"")
         rid = obj["id"]
@@ -237,7 +238,12 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] | None = None) -> dic
         raise Lav2Error(f"experts help answer questions about images: vqa and mme take --expert, {opts.task} does not")
     if named.experts and opts.predictions is not None:
         raise Lav2Error("--expert changes the prompts of a model run; it cannot apply to a --predictions file")
-    records = list(read_records(opts.data, opts.images_root))
+    written = opts.predictions or opts.out  # the predictions file, and its metrics beside it
+    if written is not None:
+        for flag, f in (("--out", opts.out), ("the metrics file", metrics_path(written))):
+            if f is not None and _same_file(f, opts.data):
+                raise Lav2Error(f"{flag} {f} is the --data file: it would be overwritten; choose another name")
+    records = list(read_records(opts.data, opts.images_root))  # refuses duplicate ids: each unit is scored once
     if not records:
         raise Lav2Error(f"{opts.data}: no records")
     sel = T.select(opts.task, records)
@@ -359,6 +365,14 @@ def _check_images(units: list[T.Unit], opts: EvalOptions) -> None:
                 where = f"the folder of {opts.data}"
             raise Lav2Error(f"{image}: image not found (relative image paths resolve against {where}; "
                             "--images-root DIR names the folder they are relative to)")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (through links too, when both exist)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one does not exist yet
+        return Path(a).resolve() == Path(b).resolve()
 
 
 def _check_experts(preds: dict[str, dict], pipeline: Pipeline, out: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from safetensors.torch import save_file
@@ -14,13 +14,81 @@ from lav2cli import __version__
 from lav2cli.errors import Lav2Error
 from lav2cli.fileio import atomic_dir
 from lav2cli.formats.io import read_safetensors
-from lav2cli.model.config import AdapterConfig, LlamaConfig
-from lav2cli.model.vision import ImagePreprocess
+from lav2cli.model.config import LINEAR_MODULES, AdapterConfig, LlamaConfig, Variant
+from lav2cli.model.vision import CHANNEL_ORDERS, ENCODER_KINDS, INTERPOLATIONS, RESIZE_MODES, ImagePreprocess
+from lav2cli.schema import Field, JSONProblem, SchemaError, at_least, check, nonempty, one_of, parse_json, positive
+from lav2cli.templates import TEMPLATES
 
 FORMAT = "lav2-adapter"
 FORMAT_VERSION = 1
 WEIGHTS = "adapter.safetensors"
 META = "lav2.json"
+
+
+def _count(low: int = 1, **kw: Any) -> Field:
+    return Field("int", rule=at_least(low), **kw)
+
+
+# The shapes of lav2.json (read_meta checks a file against LAV2_JSON before anything uses it).
+# Fields lav2 does not know are free: a later minor version may add some.
+LLAMA_CONFIG = Field("object", fields={
+    **{k: _count(required=True) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim")},
+    "norm_eps": Field("number", rule=positive),
+    "rope_theta": Field("number", rule=positive),
+    "tie_embeddings": Field("bool"),
+    "max_seq_len": _count(),
+    "linear_bias": Field("list", items=Field("str", rule=one_of(*LINEAR_MODULES))),
+})
+VISUAL_CONFIG = Field("object", null=True, closed=True, fields={  # closed: VisualConfig takes no others
+    "encoder_dim": _count(), "width": _count(), "depth": _count(0), "heads": _count(),
+    "mlp_ratio": Field("number", rule=positive), "n_queries": _count(0),
+})
+ADAPTER_CONFIG = Field("object", null=True, fields={
+    "variant": Field("str", rule=one_of(*get_args(Variant))),
+    "prompt_len": _count(0),
+    "prompt_layers": _count(0, null=True),  # 0: bias, scale and norms only
+    "bias": Field("bool"),
+    "scale": Field("bool", null=True),
+    "lora_rank": _count(0),
+    "new_gate": Field("bool", null=True),
+    "fusion_layers": _count(0, null=True),
+    "visual": VISUAL_CONFIG,
+    "text_only_zero_image": Field("bool"),
+    "prompt_lora_rank": _count(0),
+})
+ENCODER = Field("object", null=True, fields={
+    "kind": Field("str", required=True, rule=one_of(*ENCODER_KINDS)),
+    "name": Field("str", required=True, rule=nonempty),
+    "pretrained": Field("str", null=True),
+    "weights": Field("str", null=True),
+    "stage": _count(0, null=True),
+})
+PREPROCESS = Field("object", null=True, fields={
+    "size": _count(required=True),
+    "mean": Field("list", required=True, items=Field("number"), length=3),
+    "std": Field("list", required=True, items=Field("number", rule=positive), length=3),
+    "channel_order": Field("str", rule=one_of(*CHANNEL_ORDERS)),
+    "interpolation": Field("str", rule=one_of(*INTERPOLATIONS)),
+    "resize_mode": Field("str", rule=one_of(*RESIZE_MODES)),
+    "crop_pct": Field("number", rule=lambda v: None if 0 < v <= 1 else "in (0, 1]"),
+})
+LAV2_JSON = Field("object", fields={
+    "format": Field("str", required=True),
+    "format_version": _count(0),
+    "lav2_version": Field("str"),
+    "variant": Field("str", null=True),
+    "adapter": ADAPTER_CONFIG,
+    "base": Field("object", fields={
+        "ref": Field("str", null=True), "format": Field("str", null=True), "config": LLAMA_CONFIG,
+    }),
+    "encoder": ENCODER,
+    "preprocess": PREPROCESS,
+    "template": Field("str", null=True, rule=one_of(*TEMPLATES)),
+    "training": Field("object", null=True, fields={"seconds": Field("number", null=True, rule=at_least(0))}),
+    "tensors": Field("list", items=Field("str")),
+    "self_caption": Field("bool"),
+    "merged": Field("object", null=True, fields={"format": Field("str")}),
+})
 
 
 def detect(path: Path) -> bool:
@@ -61,15 +129,25 @@ def save(out_dir: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, 
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+    """The artifact's lav2.json, checked against LAV2_JSON: any problem is one Lav2Error naming
+    the file and the field."""
+    f = Path(path) / META
     try:
-        meta = json.loads((path / META).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise Lav2Error(f"{path / META}: unreadable ({e})") from e
-    if meta.get("format") != FORMAT:
-        raise Lav2Error(f"{path / META}: not a lav2 adapter (format {meta.get('format')!r})")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise Lav2Error(f"{path / META}: format version {meta['format_version']} is newer than this lav2 reads ({FORMAT_VERSION})")
+        meta = parse_json(f.read_bytes())
+    except OSError as e:
+        raise Lav2Error(f"{f}: unreadable ({e.strerror or e})") from None
+    except JSONProblem as e:
+        raise Lav2Error(f"{f}:{e.lineno}: {e}") from None
+    try:
+        check(meta, Field("object"), "lav2.json")
+        if meta.get("format") != FORMAT:
+            raise Lav2Error(f"{f}: not a lav2 adapter (format {json.dumps(meta.get('format'))})")
+        check(meta, Field("object", fields={"format_version": LAV2_JSON.fields["format_version"]}))
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise Lav2Error(f"{f}: format version {meta['format_version']} is newer than this lav2 reads ({FORMAT_VERSION})")
+        check(meta, LAV2_JSON)
+    except SchemaError as e:
+        raise Lav2Error(f"{f}: {e}") from None
     return meta
 
 

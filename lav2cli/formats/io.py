@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from lav2cli.errors import Lav2Error
+from lav2cli.torchfile import read_checkpoint
+
+__all__ = ["read_checkpoint", "read_safetensors", "read_state_dict", "read_tensors", "stored_dtype"]
 
 
 def _first_line(e: Exception) -> str:
@@ -26,20 +28,6 @@ def read_safetensors(f: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(f))
     except Exception as e:
         raise Lav2Error(f"{f}: unreadable safetensors ({_first_line(e)})") from None
-
-
-def read_checkpoint(f: str | Path, problem: str = "cannot read checkpoint") -> Any:
-    """A pickled checkpoint through torch.load(weights_only=True) only (memory-mapped when the
-    file allows it), or a one-line Lav2Error: `FILE: <problem> (<reason>)`."""
-    try:
-        try:
-            return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # legacy (non-zip) pickles cannot be memory-mapped
-            if "mmap" not in str(e):
-                raise
-            return torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise Lav2Error(f"{f}: {problem} ({_first_line(e)})") from None
 
 
 def read_state_dict(f: str | Path) -> dict[str, torch.Tensor]:
@@ -70,7 +58,7 @@ def stored_dtype(files: list[Path]) -> torch.dtype:
                     for k in h.keys():
                         return _SAFETENSORS_DTYPES.get(h.get_slice(k).get_dtype(), torch.float32)
             if f.suffix == ".pth" and f.name.startswith("consolidated."):
-                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                sd = read_checkpoint(f)
                 t = sd.get("tok_embeddings.weight")
                 if t is not None:
                     return t.dtype if t.dtype in (torch.bfloat16, torch.float16) else torch.float32

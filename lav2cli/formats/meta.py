@@ -14,6 +14,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,6 +29,7 @@ from lav2cli.formats.base import (
 )
 from lav2cli.formats.io import read_state_dict
 from lav2cli.model.config import LlamaConfig
+from lav2cli.schema import Field, JSONProblem, SchemaError, at_least, check, parse_json, positive
 from lav2cli.tokenizer import SentencePieceTokenizer
 
 _SHARD = re.compile(r"^consolidated\.(\d+)\.pth$")
@@ -75,19 +77,46 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
+def _count(**kw: Any) -> Field:
+    return Field("int", rule=at_least(1), **kw)
+
+
+# The shape of Meta's params.json (ModelArgs); other fields (e.g. use_scaled_rope) are free.
+PARAMS_JSON = Field("object", fields={
+    "dim": _count(required=True),
+    "n_layers": _count(required=True),
+    "n_heads": _count(required=True),
+    "n_kv_heads": _count(null=True),
+    "vocab_size": Field("int"),  # -1 in the original release: the embedding's rows say
+    "multiple_of": _count(),
+    "ffn_dim_multiplier": Field("number", null=True, rule=positive),
+    "norm_eps": Field("number", rule=positive),
+    "rope_theta": Field("number", rule=positive),
+    "max_seq_len": _count(),
+})
+
+
+def read_params(f: Path) -> dict[str, Any]:
+    """params.json checked against PARAMS_JSON: any problem is one Lav2Error naming the file and field."""
+    try:
+        params = parse_json(f.read_bytes())
+        check(params, PARAMS_JSON, "params.json")
+    except OSError as e:
+        raise Lav2Error(f"{f}: cannot read ({e.strerror or e})") from None
+    except JSONProblem as e:
+        raise Lav2Error(f"{f}:{e.lineno}: {e}") from None
+    except SchemaError as e:
+        raise Lav2Error(f"{f}: {e}") from None
+    return params
+
+
 def load(path: str | Path) -> BaseWeights:
     p = Path(path)
     d = _model_dir(p)
     if d is None:
         raise Lav2Error(f"{p}: no LLaMA weights found (expected params.json + consolidated.*.pth)")
     params_file = d / "params.json"
-    try:
-        params = json.loads(params_file.read_text())
-    except (OSError, ValueError) as e:
-        raise Lav2Error(f"{params_file}: cannot read ({e})") from None
-    for k in ("dim", "n_layers", "n_heads"):
-        if not isinstance(params.get(k), int):
-            raise Lav2Error(f"{params_file}: missing or non-integer '{k}'")
+    params = read_params(params_file)
     tok_file = next((t for t in (d / "tokenizer.model", d.parent / "tokenizer.model") if t.is_file()), None)
     if tok_file is None:
         raise Lav2Error(f"{d}: no tokenizer.model (looked in {d} and {d.parent})")

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lav2cli.errors import Lav2Error
+from lav2cli.torchfile import load_problem, read_checkpoint
 
 
 # -- the visual branch's transformer block (timm-compatible names) ----------------------------
@@ -67,6 +68,13 @@ class ViTBlock(nn.Module):
 # -- preprocessing ---------------------------------------------------------------------------
 
 
+# the values lav2.json may hold for the image encoder and its preprocessing (its shape checks them)
+CHANNEL_ORDERS = ("rgb", "bgr")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+RESIZE_MODES = ("shortest", "squash")
+ENCODER_KINDS = ("open_clip", "timm")
+
+
 @dataclass(frozen=True)
 class ImagePreprocess:
     """How a PIL image becomes the encoder's input; recorded in lav2.json. An encoder says what it
@@ -82,10 +90,10 @@ class ImagePreprocess:
 
     def __post_init__(self) -> None:
         checks = (
-            (self.channel_order in ("rgb", "bgr"), f"channel order {self.channel_order!r} (expected rgb or bgr)"),
-            (self.interpolation in ("bicubic", "bilinear", "nearest"),
+            (self.channel_order in CHANNEL_ORDERS, f"channel order {self.channel_order!r} (expected rgb or bgr)"),
+            (self.interpolation in INTERPOLATIONS,
              f"interpolation {self.interpolation!r} (expected bicubic, bilinear or nearest)"),
-            (self.resize_mode in ("shortest", "squash"), f"resize mode {self.resize_mode!r} (expected shortest or squash)"),
+            (self.resize_mode in RESIZE_MODES, f"resize mode {self.resize_mode!r} (expected shortest or squash)"),
             (0 < self.crop_pct <= 1, f"crop fraction {self.crop_pct} (expected 0 < crop_pct <= 1)"),
         )
         for ok, what in checks:
@@ -162,7 +170,7 @@ class OpenClipEncoder(nn.Module):
         try:
             model = open_clip.create_model(name, **kwargs)
         except Exception as e:  # offline hub look-ups and bad files end up here
-            raise Lav2Error(f"could not load open_clip '{name}:{pretrained}': {str(e).splitlines()[0]}") from e
+            raise Lav2Error(f"could not load open_clip '{name}:{pretrained}': {load_problem(e)}") from e
         if not isinstance(model.visual, VisionTransformer):
             raise Lav2Error(f"open_clip model '{name}': its image tower is a {type(model.visual).__name__}; "
                             "lav2 reads the tokens of open_clip's own ViTs only")
@@ -266,8 +274,10 @@ class TimmEncoder(nn.Module):
     def _load(self, path: Path) -> None:
         if not path.is_file():
             raise Lav2Error(f"{path}: encoder weights file not found")
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = read_checkpoint(path, "cannot read encoder weights")
         sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise Lav2Error(f"{path}: not a state dict of tensors")
         own = self.net.state_dict()
         if set(sd) != set(own):
             # same architecture under other names (e.g. the EfficientNet-PyTorch port): the

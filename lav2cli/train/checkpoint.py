@@ -28,6 +28,7 @@ from lav2cli.model.adapter import LlamaAdapterV2
 from lav2cli.recipe import Recipe
 from lav2cli.runlog import METRICS_FILE, STAGE_GLOB
 from lav2cli.train.board import EVENTS_GLOB
+from lav2cli.torchfile import read_checkpoint
 from lav2cli.train.distributed import full_tensor, like
 
 STATE_FILE = "trainer_state.pt"
@@ -108,7 +109,7 @@ def read(out: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     f = out / STATE_FILE
     if not f.is_file():
         raise Lav2Error(f"{out}: no {STATE_FILE} to resume from")
-    return torch.load(f, map_location="cpu", weights_only=True), artifact.load_tensors(out)
+    return read_checkpoint(f, "cannot resume", mmap=False), artifact.load_tensors(out)
 
 
 @torch.no_grad()

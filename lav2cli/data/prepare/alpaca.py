@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from lav2cli.data.prepare.items import MALFORMED_RECORD, Candidate, Item, Skip, stripped
+from lav2cli.data.prepare.items import MALFORMED_RECORD, Candidate, Item, Skip, bad_id, id_text, stripped
 from lav2cli.data.prepare.job import Job
 from lav2cli.data.records import Record
 
@@ -24,5 +24,8 @@ def convert(job: Job, input: str) -> Iterator[Item]:
         if instruction is None or text_input is None or output is None:
             yield Skip(MALFORMED_RECORD, at, "needs string instruction, output (and input)")
             continue
-        rec_id = str(obj["id"]) if "id" in obj else f"alpaca-{index}"
+        rec_id = id_text(obj["id"]) if "id" in obj else f"alpaca-{index}"
+        if rec_id is None:
+            yield Skip(MALFORMED_RECORD, at, bad_id("id", obj["id"]))
+            continue
         yield Candidate(Record(rec_id, None, instruction, output, "instruction", "alpaca", input=text_input), at, rec_id)

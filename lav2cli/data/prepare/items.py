@@ -7,12 +7,12 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from lav2cli.data.records import Record
+from lav2cli.schema import MALFORMED_JSON, NOT_UTF8, show  # noqa: F401 (the parse problems, named where parsed)
 
 # Problems (skipped, counted; --strict stops at the first one).
 MISSING_IMAGE = "missing image"
 UNREADABLE_IMAGE = "unreadable image"
 REMOTE_IMAGE = "remote image"
-MALFORMED_JSON = "malformed json"
 MALFORMED_RECORD = "malformed record"
 MALFORMED_ROW = "malformed row"
 EMPTY_TEXT = "empty text"
@@ -54,3 +54,16 @@ Item = Union[Candidate, Skip]
 def stripped(value: Any) -> str | None:
     """A stripped string, or None when the value is not a string."""
     return value.strip() if isinstance(value, str) else None
+
+
+def id_text(value: Any) -> str | None:
+    """An input's id as a record id part: a non-empty string as it is, an integer in decimal; None
+    for anything else (null, true, 1.5, a list, an object), which would become a Python repr."""
+    if type(value) is int:
+        return str(value)
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def bad_id(field: str, value: Any) -> str:
+    """The detail of a skip for an id that id_text refuses."""
+    return f"{field} must be a non-empty string or an integer, not {show(value)}"

@@ -4,15 +4,16 @@ on stderr; rich is imported only when something is shown)."""
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
-from lav2cli.data.prepare.items import MALFORMED_JSON, Skip
+from lav2cli.data.prepare.items import Skip
+from lav2cli.schema import JSONProblem, parse_json
 from lav2cli.errors import Lav2Error
 from lav2cli.fileio import sha256_file
 
@@ -84,25 +85,32 @@ class Job:
     def json_entries(self, path: str | os.PathLike[str]) -> Iterator[tuple[str, int, Any] | Skip]:
         """The entries of a JSON list (``FILE:[i]``) or a JSON lines file (``FILE:LINE``).
 
-        A malformed JSON line is yielded as a Skip; a malformed JSON list is fatal.
+        A JSON line that does not parse (or is not UTF-8) is yielded as a Skip. Fatal: a JSON list
+        that does not parse, and one JSON object over several lines (an object where the list of
+        entries belongs would otherwise read as a file of malformed lines).
         """
         path = self.add_file(path)
-        with open(path, encoding="utf-8", errors="replace") as f:
-            head = f.read(4096).lstrip()
-        if head.startswith("["):
+        with open(path, "rb") as f:
+            head = f.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()
+        if head.startswith(b"["):
             for i, obj in enumerate(_parse_json(path)):
                 yield f"{path}:[{i}]", i, obj
             return
-        index = 0
-        with open(path, encoding="utf-8") as f:
+        index, first = 0, True
+        with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is skipped alone, on its own line number
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield Skip(MALFORMED_JSON, f"{path}:{lineno}", e.msg)
+                    obj = parse_json(line)
+                except JSONProblem as e:
+                    if first and head.startswith(b"{") and isinstance(_try_parse_json(path), dict):
+                        raise Lav2Error(f"{path}: one JSON object; expected a JSON list of entries or JSON lines "
+                                        "(one entry per line)") from None
+                    first = False
+                    yield Skip(e.reason, f"{path}:{lineno}", e.detail)
                     continue
+                first = False
                 yield f"{path}:{lineno}", index, obj
                 index += 1
 
@@ -126,10 +134,18 @@ class Job:
 
 
 def _parse_json(path: str) -> Any:
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise Lav2Error(f"{path}:{e.lineno}: {MALFORMED_JSON} ({e.msg})") from None
-        except UnicodeDecodeError:
-            raise Lav2Error(f"{path}: not UTF-8 text") from None
+    """A whole JSON document; a failure is fatal (``FILE:LINE: malformed json (...)``)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return parse_json(data)
+    except JSONProblem as e:
+        raise Lav2Error(f"{path}:{e.lineno}: {e}") from None
+
+
+def _try_parse_json(path: str) -> Any:
+    """The whole document, or None when it does not parse."""
+    try:
+        return _parse_json(path)
+    except Lav2Error:
+        return None

@@ -6,7 +6,7 @@ import os
 import re
 from typing import Any, Iterator
 
-from lav2cli.data.prepare.items import LATER_TURN, MALFORMED_RECORD, Candidate, Item, Skip
+from lav2cli.data.prepare.items import LATER_TURN, MALFORMED_RECORD, Candidate, Item, Skip, bad_id, id_text
 from lav2cli.data.prepare.job import Job
 from lav2cli.data.records import Record
 from lav2cli.errors import Lav2Error
@@ -32,7 +32,10 @@ def convert(job: Job, input: str, images: str | None = None, keep_history: bool 
         if pairs is None or not (ref is None or (isinstance(ref, str) and ref)):
             yield Skip(MALFORMED_RECORD, at, "needs conversations alternating human/gpt (and image a path)")
             continue
-        sample_id = str(obj.get("id", index))
+        sample_id = id_text(obj.get("id", index))
+        if sample_id is None:
+            yield Skip(MALFORMED_RECORD, at, bad_id("id", obj.get("id")))
+            continue
         image = os.path.join(base, ref) if ref else None
         history: list[str] = []
         for t, (question, answer) in enumerate(pairs):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import codecs
 import os
 from typing import Iterator
 
 from lav2cli.data.prepare.images import IMAGE_EXTENSIONS
-from lav2cli.data.prepare.items import MALFORMED_ROW, MISSING_IMAGE, Candidate, Item, Skip
+from lav2cli.data.prepare.items import MALFORMED_ROW, MISSING_IMAGE, NOT_UTF8, Candidate, Item, Skip
 from lav2cli.data.prepare.job import Job
 from lav2cli.data.records import MME_COGNITION, Record
 from lav2cli.errors import Lav2Error
@@ -44,14 +45,17 @@ def convert(job: Job, root: str) -> Iterator[Item]:
 
 def _questions(path: str, subtask: str, category: str, image_dir: str, image_name: str | None) -> Iterator[Item]:
     stem = os.path.splitext(os.path.basename(path))[0]
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            lines = f.read().splitlines()
-    except UnicodeDecodeError:
-        raise Lav2Error(f"{path}: not UTF-8 text") from None
+    with open(path, "rb") as f:
+        data = f.read().removeprefix(codecs.BOM_UTF8)
     k = 0
-    for lineno, line in enumerate(lines, 1):
+    # split on newlines only (str.splitlines also breaks at \v, \x1c, U+2028, ...: wrong line numbers)
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
         at = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError as e:
+            yield Skip(NOT_UTF8, at, f"byte 0x{raw[e.start]:02x} at column {e.start + 1}")
+            continue
         if not line.strip():
             continue
         parts = line.split("\t")

@@ -1,6 +1,7 @@
 """The stages every source runs through, in this order:
 
-1. the converter's own problems (malformed JSON, unknown image id, ...),
+1. the converter's own problems (malformed JSON, unknown image id, ...), and any record that
+   lav2's reader would refuse (``Record.problem``: e.g. a lone surrogate in its text),
 2. empty text (instruction or output blank after stripping),
 3. duplicate id (against earlier records that passed 1-2),
 4. the image check: each distinct image opened and fully decoded once, in a thread pool
@@ -26,7 +27,7 @@ from typing import Any, Callable, Iterable, Iterator
 from lav2cli import __version__
 from lav2cli.data.prepare import alpaca, coco, distill, easyvqa, llava, mme, table
 from lav2cli.data.prepare.images import find_bad_images
-from lav2cli.data.prepare.items import DUPLICATE_ID, EMPTY_TEXT, Candidate, Item, Skip
+from lav2cli.data.prepare.items import DUPLICATE_ID, EMPTY_TEXT, MALFORMED_RECORD, Candidate, Item, Skip
 from lav2cli.data.prepare.job import UI, Job
 from lav2cli.data.prepare.output import output_paths, print_summary, write_files, write_stdout
 from lav2cli.data.records import KINDS, Record
@@ -156,7 +157,10 @@ def _screen(items: Iterable[Item], strict: bool, tally: _Tally) -> tuple[list[Ca
     for item in items:
         if isinstance(item, Candidate):
             r = item.record
-            if not r.instruction.strip() or not r.output.strip():
+            bad = r.problem()  # the reader's own check: whatever is written reads back
+            if bad is not None:
+                item = Skip(MALFORMED_RECORD, item.at, bad)
+            elif not r.instruction.strip() or not r.output.strip():
                 item = Skip(EMPTY_TEXT, item.at)
             elif r.id in seen:
                 item = Skip(DUPLICATE_ID, item.at, r.id)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from typing import Iterator
 
-from lav2cli.data.prepare.items import MALFORMED_ROW, MISSING_IMAGE, REMOTE_IMAGE, Candidate, Item, Skip
+from lav2cli.data.prepare.items import MALFORMED_ROW, MISSING_IMAGE, NOT_UTF8, REMOTE_IMAGE, Candidate, Item, Skip
 from lav2cli.data.prepare.job import Job
 from lav2cli.data.records import Record
 from lav2cli.errors import Lav2Error
@@ -22,7 +23,8 @@ def convert(job: Job, input: str, images: str | None = None, image_column: str |
     base = os.fspath(images) if images else os.path.dirname(os.path.abspath(path))
     instruction = instruction or CAPTION_INSTRUCTION
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        # bytes that are not UTF-8 read as U+DC80..U+DCFF (surrogateescape): their row is skipped alone
+        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
             tab = "\t" in f.readline()
             f.seek(0)
             reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if tab else csv.reader(f)
@@ -34,6 +36,10 @@ def convert(job: Job, input: str, images: str | None = None, image_column: str |
             for row in reader:
                 at = f"{path}:{reader.line_num}"
                 if not any(cell.strip() for cell in row):
+                    continue
+                bad = next((m for cell in row if (m := _UNDECODED.search(cell))), None)
+                if bad:
+                    yield Skip(NOT_UTF8, at, f"byte 0x{ord(bad.group()) - 0xDC00:02x}")
                     continue
                 if len(row) != len(header):
                     yield Skip(MALFORMED_ROW, at, f"{len(row)} fields, header has {len(header)}")
@@ -47,10 +53,11 @@ def convert(job: Job, input: str, images: str | None = None, image_column: str |
                     continue
                 record = Record(f"csv-{reader.line_num}", os.path.join(base, ref), instruction, text, "caption", "csv")
                 yield Candidate(record, at, ref)
-    except UnicodeDecodeError:
-        raise Lav2Error(f"{path}: not UTF-8 text") from None
     except csv.Error as e:
         raise Lav2Error(f"{path}:{reader.line_num}: unreadable table ({e})") from None
+
+
+_UNDECODED = re.compile("[\udc80-\udcff]")
 
 
 def _column(header: list[str], chosen: str | None, defaults: tuple[str, ...], what: str, path: str) -> int:
