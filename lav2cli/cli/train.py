@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from lav2cli.cli.common import stderr
-from lav2cli.train import Trainer, prepare_out, resolve
+from lav2cli.train import Trainer, claim_run, prepare_out, resolve
 
 app = typer.Typer(add_completion=False)
 
@@ -47,26 +47,32 @@ def train(
     if fsdp:
         overrides.append("train.fsdp=true")
     out_dir = Path(out)
-    r = resolve(recipe_path=recipe, overrides=overrides, out=out_dir, resume=resume)
-    created = not out_dir.exists()
-    prepare_out(out=out_dir, resume=resume, force=force)
     err = stderr()
-    try:
-        trainer = Trainer(recipe=r, out=out_dir, resume=resume, log=lambda m: err.print(m, markup=False, soft_wrap=True))
-    except BaseException:
-        if created and not any(out_dir.iterdir()):  # a run that could not start leaves no empty --out
-            out_dir.rmdir()
-        raise
-    if trainer.dist.main:
-        table = Table(title="recipe", show_header=False, title_justify="left")
-        for sec, values in r.to_dict().items():
-            for k, v in values.items():
-                table.add_row(f"{sec}.{k}", str(v))
-        for grp, n in trainer.print_groups():
-            table.add_row(f"trainable: {grp}", f"{n:,} parameters")
-        table.add_row("steps", f"{trainer.total_steps} (lr {trainer.lr:.3g}, global batch {trainer.global_batch})")
-        err.print(table)
-    info = trainer.run(stop_after=stop_after)
+
+    def log(msg: str) -> None:
+        err.print(msg, markup=False, soft_wrap=True)
+
+    with claim_run(out_dir, log):  # one writer per run directory
+        r = resolve(recipe_path=recipe, overrides=overrides, out=out_dir, resume=resume)
+        created = not out_dir.exists()
+        prepare_out(out=out_dir, resume=resume, force=force,
+                    inputs={"the model this run continues": r.model.ref, "the run's base model": r.model.base})
+        try:
+            trainer = Trainer(recipe=r, out=out_dir, resume=resume, log=log)
+        except BaseException:
+            if created and not any(out_dir.iterdir()):  # a run that could not start leaves no empty --out
+                out_dir.rmdir()
+            raise
+        if trainer.dist.main:
+            table = Table(title="recipe", show_header=False, title_justify="left")
+            for sec, values in r.to_dict().items():
+                for k, v in values.items():
+                    table.add_row(f"{sec}.{k}", str(v))
+            for grp, n in trainer.print_groups():
+                table.add_row(f"trainable: {grp}", f"{n:,} parameters")
+            table.add_row("steps", f"{trainer.total_steps} (lr {trainer.lr:.3g}, global batch {trainer.global_batch})")
+            err.print(table)
+        info = trainer.run(stop_after=stop_after)
     if trainer.dist.main:
         err.print(f"done: {info.steps} steps, final loss {info.final_loss:.4f}, {info.tokens_per_s:.0f} tok/s, "
                   f"{info.seconds:.1f} s")

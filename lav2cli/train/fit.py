@@ -197,6 +197,7 @@ class Trainer:
         self.last_saved = self.step
 
     def _restore(self) -> None:
+        checkpoint.check_resumable(self.out, self.dist.world, self.global_batch)
         state, saved = checkpoint.read(self.out)
         checkpoint.restore_tensors(self.model, saved)
         restore_feature_norm(self.model, state.get("feature_norm"), self.standardize, self.out)
@@ -204,5 +205,5 @@ class Trainer:
         self.last_saved = self.step
         self.seconds_before = checkpoint.seconds_trained(self.out)
         if self.dist.main:
-            checkpoint.keep_metrics(self.out, self.step)
+            checkpoint.keep_metrics(self.out, self.step, self.log)
         self.log(f"resuming {self.out} at step {self.step} of {self.total_steps}")
