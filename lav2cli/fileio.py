@@ -275,6 +275,17 @@ def claim(final: str | Path, wait: bool = True, log: Log | None = None) -> Itera
         yield
 
 
+def find_interrupted(final: str | Path) -> None:
+    """For readers: a missing `final` that a dead swap left aside is put back in place (a live
+    writer's is left to it), so that a run is found by any command, not only the next writer."""
+    final = Path(final)
+    if final.exists() or final.is_symlink() or not _leftovers(final)[1]:
+        return
+    with contextlib.suppress(InUse, OSError):
+        with claim(final, wait=False):
+            pass
+
+
 def sweep(folder: str | Path, log: Log | None = None) -> None:
     """recover every leftover in `folder` whose lock is free (a cache's entries of a key no one
     asks for any more are never written again, so their debris would stay)."""

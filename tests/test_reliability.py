@@ -23,12 +23,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from lav2cli import engine, fileio
+from lav2cli import engine, fileio, formats
 from lav2cli.data.prepare import prepare
 from lav2cli.errors import Lav2Error
 from lav2cli.evaluate import EvalOptions, evaluate, read_predictions
 from lav2cli.formats import gguf as gguf_fmt
 from lav2cli.merge import merge
+from lav2cli.model.adapter import LlamaAdapterV2
 from lav2cli.model.config import AdapterConfig
 from lav2cli.model.vision import ImagePreprocess
 from lav2cli.tokenizer import SentencePieceTokenizer
@@ -312,9 +313,8 @@ def test_a_dead_swap_is_finished_or_undone_and_its_leftovers_removed(tmp_path):
     fileio.sweep(tmp_path)  # the writer is alive: its temporaries are not debris
     assert not final.exists() and len(debris(tmp_path, "run")) == 3  # tmp, old, lock
     kill(proc)
-    with fileio.claim(final):
-        assert (final / "v").read_text() == "new"  # the new one was complete: finished
-    assert debris(tmp_path, "run") == []
+    assert formats.classify(str(final)) == ("base", final)  # a reader finds it: the swap is finished
+    assert (final / "v").read_text() == "new" and debris(tmp_path, "run") == []  # the new one was complete
 
     # only the moved-aside copy is left: it is put back; stray temporaries of any age go
     (final / "v").write_text("old")
@@ -384,8 +384,6 @@ def gguf_file(tmp_path, tiny_llama_config, spm_model_path):
 
 
 def _shapes(cfg) -> dict[str, torch.Tensor]:
-    from lav2cli.model.adapter import LlamaAdapterV2
-
     return {k.removeprefix("llama."): v for k, v in LlamaAdapterV2(cfg).state_dict().items()}
 
 

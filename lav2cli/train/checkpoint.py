@@ -109,8 +109,12 @@ def write(out: Path, engine: Engine, tensors: dict[str, torch.Tensor], state: di
 
 
 def append_metrics(out: Path, record: dict[str, Any]) -> None:
-    with open(out / METRICS_FILE, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(out / METRICS_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:  # a full disk, say: the line may be cut, which --resume drops
+        raise Lav2Error(f"{out / METRICS_FILE}: cannot append ({e.strerror or e}); the run's last checkpoint "
+                        f"stays in {out}: make room and continue with --resume") from e
 
 
 # -- restore -----------------------------------------------------------------------------------

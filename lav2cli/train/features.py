@@ -91,8 +91,8 @@ def cached_features(f: Path, n: int, log: Callable[[str], None]):
 
 
 def reserve(out: IO[bytes], size: int, where: Path) -> None:
-    """Allocate the whole file now: a full disk fails here, in one line, before the encoding and
-    not as a SIGBUS or a torn file later."""
+    """Allocate the whole file once its size is known (after the first batch): a full disk fails
+    here, in one line, before the rest is encoded, and not as a SIGBUS or a torn file later."""
     out.flush()
     try:
         if hasattr(os, "posix_fallocate"):
