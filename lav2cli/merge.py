@@ -33,7 +33,7 @@ import torch
 
 from lav2cli import __version__, engine
 from lav2cli.errors import Lav2Error
-from lav2cli.fileio import atomic_dir
+from lav2cli.fileio import atomic_dir, refuse_overwrite
 from lav2cli.formats import artifact, classify, hf
 from lav2cli.formats import meta as meta_fmt
 from lav2cli.formats.io import stored_dtype
@@ -123,14 +123,15 @@ def merge(ref: str, out: str | Path, *, format: str = "lav2", dtype: str = "auto
     if kind == "base":
         raise Lav2Error(f"{ref}: a base model, not an adapter: nothing to merge "
                         f"(expected a lav2 artifact directory or an official LLaMA-Adapter .pth)")
-    if path is not None and out.resolve() in (path.resolve(), *path.resolve().parents):
-        raise Lav2Error(f"--out {out}: would replace the adapter being merged; choose another folder")
+    refuse_overwrite(out, {"the adapter being merged": path, "the --base model": base})
 
     log(f"loading {ref} (float32) ...")
     eng = engine.load(str(ref), base=base, clip=clip, device=device, dtype="float32")
     model, c = eng.model, eng.config
     if c.adapter is None:
         raise Lav2Error(f"{ref}: has no adapter: nothing to merge")
+    # the base an artifact names (not only --base) is read too
+    refuse_overwrite(out, {f"the model file {f.name}": f for f in c.files})
     n_adapter_files = 2 if kind == "artifact" else 1
     out_dt = engine.DTYPES[dtype] if dtype != "auto" else stored_dtype(c.files[: len(c.files) - n_adapter_files])
 
@@ -159,7 +160,7 @@ def merge(ref: str, out: str | Path, *, format: str = "lav2", dtype: str = "auto
     result = MergeResult(out=str(out), format=format, dtype=engine.dtype_name(out_dt), folded=fold_kinds, kept=kept,
                          sidecar_params=sum(t.numel() for t in side_sd.values()))
     log(f"writing {format} layout ({result.dtype}) ...")
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, wait=False) as tmp:  # a second merge into the same --out is refused
         plain_cfg = replace(c.llama, linear_bias=[])
         if format == "lav2":
             save_file(folded, str(tmp / FOLDED), metadata={"format": "pt", "layout": "meta"})

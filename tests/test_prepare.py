@@ -140,7 +140,8 @@ def test_manifest_file_contents(tmp_path, coco):
     assert m["inputs"] == [{"path": str(ann), "sha256": hashlib.sha256(ann.read_bytes()).hexdigest()}]
     assert m["options"] == {"annotations": str(ann), "images": str(img), "captions": "first", "instruction": "Describe.",
                             "check_images": True, "strict": False, "val_fraction": 0.0}
-    assert m["outputs"] == {"records": {"path": "train.jsonl", "records": 2, "by_kind": {"caption": 2}}}
+    assert m["outputs"] == {"records": {"path": "train.jsonl", "records": 2, "by_kind": {"caption": 2},
+                                        "sha256": hashlib.sha256(out.read_bytes()).hexdigest()}}
     assert m["not_selected"] == {"extra caption": 3}  # 1.jpg's second caption, 2.png's blank and duplicate
     recs = lines(out)
     assert [(r["id"], r["output"], r["instruction"]) for r in recs] == [

@@ -14,7 +14,7 @@ from rich.text import Text
 from lav2cli.cli.common import stderr
 from lav2cli.recipe import PATH_FIELDS, Recipe, in_effect, section_rows
 from lav2cli.runlog import format_losses
-from lav2cli.train import Trainer, prepare_out, resolve
+from lav2cli.train import Trainer, claim_run, prepare_out, resolve
 from lav2cli.train.checkpoint import training_record
 
 app = typer.Typer(add_completion=False)
@@ -64,35 +64,37 @@ def train(
     if fsdp:
         overrides.append("train.fsdp=true")
     out_dir = Path(out)
-    r = resolve(recipe_path=recipe, overrides=overrides, out=out_dir, resume=resume)
     err = stderr()
-    done = training_record(out_dir) if resume else {}
-    if 0 < r.train.max_steps <= int(done.get("step") or 0):  # known without loading anything
-        _already_complete(out_dir, int(done["step"]), r.train.max_steps, quiet, err)
-        return
-    created = not out_dir.exists()
-    prepare_out(out=out_dir, resume=resume, force=force)
     log = (lambda m: None) if quiet else (lambda m: err.print(m, markup=False, soft_wrap=True))
-    try:
-        trainer = Trainer(recipe=r, out=out_dir, resume=resume, log=log, show_progress=not quiet)
-    except BaseException:
-        if created and not any(out_dir.iterdir()):  # a run that could not start leaves no empty --out
-            out_dir.rmdir()
-        raise
-    if trainer.already_complete:
-        trainer.run()  # releases what the trainer holds; writes nothing
-        if trainer.dist.main:
-            _already_complete(out_dir, trainer.step, trainer.total_steps, quiet, err)
-        return
-    if trainer.dist.main and not quiet and not resume:  # a resumed run's recipe is its recipe.toml
-        err.print(_recipe_table(r, trainer))
-    try:
-        info = trainer.run(stop_after=stop_after)
-    except KeyboardInterrupt:
-        if trainer.dist.main:
-            err.print(f"lav2: interrupted: training at step {trainer.step} of {trainer.total_steps}; "
-                      f"{resume_hint(trainer.last_saved, out)}", markup=False, soft_wrap=True)
-        raise typer.Exit(130) from None
+    with claim_run(out_dir, log):  # one writer per run directory
+        r = resolve(recipe_path=recipe, overrides=overrides, out=out_dir, resume=resume)
+        done = training_record(out_dir) if resume else {}
+        if 0 < r.train.max_steps <= int(done.get("step") or 0):  # known without loading anything
+            _already_complete(out_dir, int(done["step"]), r.train.max_steps, quiet, err)
+            return
+        created = not out_dir.exists()
+        prepare_out(out=out_dir, resume=resume, force=force,
+                    inputs={"the model this run continues": r.model.ref, "the run's base model": r.model.base})
+        try:
+            trainer = Trainer(recipe=r, out=out_dir, resume=resume, log=log, show_progress=not quiet)
+        except BaseException:
+            if created and not any(out_dir.iterdir()):  # a run that could not start leaves no empty --out
+                out_dir.rmdir()
+            raise
+        if trainer.already_complete:
+            trainer.run()  # releases what the trainer holds; writes nothing
+            if trainer.dist.main:
+                _already_complete(out_dir, trainer.step, trainer.total_steps, quiet, err)
+            return
+        if trainer.dist.main and not quiet and not resume:  # a resumed run's recipe is its recipe.toml
+            err.print(_recipe_table(r, trainer))
+        try:
+            info = trainer.run(stop_after=stop_after)
+        except KeyboardInterrupt:
+            if trainer.dist.main:
+                err.print(f"lav2: interrupted: training at step {trainer.step} of {trainer.total_steps}; "
+                          f"{resume_hint(trainer.last_saved, out)}", markup=False, soft_wrap=True)
+            raise typer.Exit(130) from None
     if trainer.dist.main and info.steps < trainer.total_steps:  # --stop-after
         err.print(f"lav2: note: stopped at step {info.steps} of {trainer.total_steps}; "
                   f"{resume_hint(trainer.last_saved, out)}", markup=False, soft_wrap=True)

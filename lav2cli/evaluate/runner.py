@@ -101,27 +101,26 @@ def read_predictions(path: Path, owner: dict[str, str], data: Path, *, model: st
     captions the ids of all records of an image) to its unit id (or "" when the record is not
     scored). Refuses, in one line, a file with an id from elsewhere, a duplicate, a line without
     a text ``prediction``, or (with `model`) lines from another model. With `repair`, a last
-    line cut off by an interrupted run is dropped from the file."""
+    line cut off by an interrupted run is dropped from the file, once every other line has been
+    read as one of these predictions (any other file is refused untouched)."""
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise Lav2Error(f"{path}: cannot read predictions: {e.strerror or e}") from None
     lines = raw.split(b"\n")
+    torn = False  # a last line the previous run did not finish
     if lines and lines[-1].strip() and repair:
         try:
             json.loads(lines[-1])
-        except ValueError:  # a line the previous run did not finish
-            keep = len(raw) - len(lines[-1])
-            with open(path, "r+b") as f:
-                f.truncate(keep)
-            if log:
-                log(f"{path}: dropped an unfinished last line left by an interrupted run")
-            lines = lines[:-1]
-        else:  # complete but unterminated: end it, so that appended lines start on their own
-            with open(path, "ab") as f:
-                f.write(b"\n")
+        except ValueError:
+            # only what this eval writes may be cut: a row starts as _predict writes it, and the
+            # lines before it are read (and refused, untouched) below before anything is cut
+            if not lines[-1].startswith(b'{"id": "'):
+                raise Lav2Error(f"{path}:{len(lines)}: not a predictions file of lav2 eval (its last line is not "
+                                "a prediction); left untouched: use another --out") from None
+            torn = True
     out: dict[str, dict] = {}
-    for lineno, line in enumerate(lines, 1):
+    for lineno, line in enumerate(lines[:-1] if torn else lines, 1):
         if not line.strip():
             continue
         try:
@@ -145,6 +144,14 @@ def read_predictions(path: Path, owner: dict[str, str], data: Path, *, model: st
         if unit in out:
             raise Lav2Error(f"{path}:{lineno}: a second prediction for {unit!r}")
         out[unit] = obj
+    if torn:
+        with open(path, "r+b") as f:
+            f.truncate(len(raw) - len(lines[-1]))
+        if log:
+            log(f"{path}: dropped an unfinished last line left by an interrupted run")
+    elif repair and lines and lines[-1].strip():  # complete but unterminated: appended lines start on their own
+        with open(path, "ab") as f:
+            f.write(b"\n")
     return out
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from lav2cli.errors import Lav2Error
+from lav2cli.fileio import find_interrupted
 from lav2cli.formats import artifact, gguf, hf, merged, official
 from lav2cli.formats import meta as meta_layout
 from lav2cli.formats.base import BaseWeights
@@ -51,6 +52,7 @@ def _locate(ref: str) -> tuple[Path, bool]:
     if named is not None:
         return named, True
     p = Path(ref).expanduser()
+    find_interrupted(p)  # a run a kill left between the renames of its checkpoint swap
     if not p.exists():
         raise Lav2Error(f"unknown model reference {ref!r}: not a known name (see `lav2 info --list`) and no such path")
     return p, False

@@ -11,7 +11,9 @@ Cache (first load converts, later loads read only the cache):
     <cache>/gguf/keys/<sha1 of "abs path|size|mtime_ns">.json -> {"sha256": ...}
 The entry is content-addressed (copies of one file share it); the small key file remembers the
 hash of a (path, size, mtime) so a second load neither hashes nor parses the GGUF. Entries are
-written atomically (fileio.atomic_dir). Tensors are stored as float32 (exact
+written atomically (fileio.atomic_dir; a killed conversion's leftovers are swept on the next
+load); a damaged entry is named in a warning and converted again; a cache that cannot be
+written (full disk included) only warns. Tensors are stored as float32 (exact
 dequantised values). <cache> = $LAV2_CACHE, else $XDG_CACHE_HOME/lav2, else ~/.cache/lav2.
 """
 
@@ -30,9 +32,10 @@ import numpy as np
 import torch
 
 from lav2cli.errors import Lav2Error, Lav2Note
-from lav2cli.fileio import atomic_dir, atomic_file, cache_root, sha256_file
+from lav2cli.fileio import atomic_dir, atomic_file, cache_root, sha256_file, sweep
 from lav2cli.formats import gguf_tokenizer
 from lav2cli.formats.base import BaseWeights, check_state_dict
+from lav2cli.formats.io import read_safetensors
 from lav2cli.model.config import LlamaConfig
 from lav2cli.tokenizer import BPETokenizer, Tokenizer, template_for
 
@@ -199,33 +202,41 @@ def _entry_ok(entry: Path) -> bool:
         (entry / f).is_file() for f in ("model.safetensors", "config.json", "tokenizer.json"))
 
 
-def _load_entry(entry: Path, source: Path) -> BaseWeights:
-    from safetensors.torch import load_file
-
-    meta = json.loads((entry / "meta.json").read_text())
-    config = LlamaConfig.from_dict(json.loads((entry / "config.json").read_text()))
-    state = load_file(str(entry / "model.safetensors"))
-    tokenizer = BPETokenizer.from_file(entry / "tokenizer.json")
-    return BaseWeights(config=config, state_dict=state, tokenizer=tokenizer, template=meta["template"],
+def _load_entry(entry: Path, source: Path) -> BaseWeights | None:
+    """The entry's weights, or None (with a warning naming the file) when a file of it is
+    damaged (cut short, edited): the caller converts again and replaces it."""
+    f = entry / "meta.json"
+    try:
+        meta = json.loads(f.read_text())
+        f = entry / "config.json"
+        config = LlamaConfig.from_dict(json.loads(f.read_text()))
+        f = entry / "model.safetensors"
+        state = read_safetensors(f)
+        check_state_dict(state, config, f)
+        f = entry / "tokenizer.json"
+        tokenizer = BPETokenizer.from_file(f)
+        template = meta["template"]
+    except Exception as e:  # whatever the damage, the GGUF file itself is the truth
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        warnings.warn(f"{f}: damaged GGUF cache entry ({reason}); converting {source.name} again", stacklevel=3)
+        return None
+    return BaseWeights(config=config, state_dict=state, tokenizer=tokenizer, template=template,
                        source=source, format="gguf", files=[source, entry / "model.safetensors"])
 
 
 def _write_entry(entry: Path, config: LlamaConfig, state: dict[str, torch.Tensor],
                  tokenizer: Tokenizer, meta: dict[str, Any]) -> None:
-    """Write a cache entry atomically (a stale one, of an older cache version or incomplete, is
-    replaced); a concurrent writer that finished first is as good."""
+    """Write a cache entry atomically (a stale or damaged one is replaced; a concurrent writer
+    of the same entry waits for the lock, then replaces it with the same content). A full disk
+    raises fileio.NoSpace, an OSError like any other unwritable cache."""
     from safetensors.torch import save_file
 
-    try:
-        with atomic_dir(entry) as tmp:
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
-                      metadata={"format": "pt"})
-            (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-            tokenizer.save(tmp)
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    except OSError:
-        if not _entry_ok(entry):
-            raise
+    with atomic_dir(entry) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        tokenizer.save(tmp)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def load(path: str | Path, cache_dir: str | Path | None = None) -> BaseWeights:
@@ -236,17 +247,22 @@ def load(path: str | Path, cache_dir: str | Path | None = None) -> BaseWeights:
     st = p.stat()
     root = cache_root(cache_dir) / "gguf"
     key = _key_file(root, p, st)
+    for folder in (root, key.parent):  # what a killed conversion left
+        sweep(folder)
+    tried = None
     try:
         sha = json.loads(key.read_text())["sha256"]
         if _entry_ok(root / sha):
-            return _load_entry(root / sha, p)
+            tried = root / sha
+            if (weights := _load_entry(tried, p)) is not None:
+                return weights
     except (OSError, ValueError, KeyError, TypeError):
         pass
     sha = sha256_file(p)
     entry = root / sha
-    if _entry_ok(entry):
+    if entry != tried and _entry_ok(entry) and (weights := _load_entry(entry, p)) is not None:
         _remember(key, p, st, sha)
-        return _load_entry(entry, p)
+        return weights
     t0 = time.perf_counter()
     config, state, tokenizer, summary = read_gguf(p)
     meta = {"cache_version": CACHE_VERSION, "sha256": sha, "source": str(p), "size": st.st_size,

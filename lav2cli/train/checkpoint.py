@@ -7,22 +7,28 @@
     events.out.tfevents.*            the same steps for TensorBoard (board.py), carried over by each swap
     metrics-stageN.jsonl             the logs of the stages of the artifact the run continued
 
-Every checkpoint writes them all in one atomic directory swap.
+Every checkpoint writes them all in one atomic directory swap (fileio.atomic_dir: a crash
+between its renames is finished by the next command). A command that writes the run holds it
+(`claim_run`): a second one is refused, naming the holder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import math
+import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ContextManager
 
 import torch
 
 from lav2cli.data.dataset import Stream
 from lav2cli.engine import Engine
 from lav2cli.errors import Lav2Error
+from lav2cli.fileio import atomic_file, claim, refuse_overwrite
 from lav2cli.formats import artifact
 from lav2cli.model.adapter import LlamaAdapterV2
 from lav2cli.recipe import Recipe
@@ -36,9 +42,22 @@ RECIPE_FILE = "recipe.toml"
 RECIPE_HEADER = "# The recipe of this run (lav2 train --resume reads it). Paths are relative to this directory.\n\n"
 
 
-def prepare_out(out: Path, resume: bool, force: bool) -> None:
+def claim_run(out: Path, log: Callable[[str], None] | None = None) -> ContextManager[None]:
+    """Hold the run directory `out` for the block (fileio.claim): another command writing it is
+    refused in one line naming its pid, host and start time, and a checkpoint a crash cut between
+    its renames is finished first. Under torchrun the main process (RANK 0) holds it: the
+    others write nothing there."""
+    if os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()
+    return claim(out, wait=False, log=log)
+
+
+def prepare_out(out: Path, resume: bool, force: bool, inputs: dict[str, str | None] | None = None) -> None:
     """Check the run directory: --resume needs a checkpoint there, a fresh run an empty (or,
-    with --force, cleared) directory."""
+    with --force, cleared) directory that is none of the run's `inputs` ({what: path}: the
+    artifact it continues, its base)."""
+    if not resume:
+        refuse_overwrite(out, inputs or {})
     if resume:
         if not (out / STATE_FILE).is_file():
             raise Lav2Error(f"--resume: {out} holds no training checkpoint ({STATE_FILE})")
@@ -97,8 +116,12 @@ def write(out: Path, engine: Engine, tensors: dict[str, torch.Tensor], state: di
 
 
 def append_metrics(out: Path, record: dict[str, Any]) -> None:
-    with open(out / METRICS_FILE, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(out / METRICS_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:  # a full disk, say: the line may be cut, which --resume drops
+        raise Lav2Error(f"{out / METRICS_FILE}: cannot append ({e.strerror or e}); the run's last checkpoint "
+                        f"stays in {out}: make room and continue with --resume") from e
 
 
 # -- restore -----------------------------------------------------------------------------------
@@ -124,6 +147,13 @@ def restore_tensors(model: LlamaAdapterV2, saved: dict[str, torch.Tensor]) -> No
 def restore_trainer_state(state: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler,
                           streams: dict[str, Stream]) -> int:
     """Put back what trainer_state saved; returns the step to continue from."""
+    fresh, saved = list(scheduler.base_lrs), state["scheduler"].get("base_lrs")
+    if saved is not None and (len(saved) != len(fresh) or not all(math.isclose(a, b, rel_tol=1e-6)
+                                                                 for a, b in zip(saved, fresh))):
+        # the restored schedule would keep the saved rates while lav2.json recorded the new ones
+        raise Lav2Error(f"--resume: the run's learning rate was {saved[0]:.6g}, this run's is {fresh[0]:.6g} "
+                        f"(train.base_lr x global batch / 256); refused: resume with the run's own "
+                        f"train.base_lr, batch size and number of processes")
     opt = state["optimizer"]
     order = [p for g in optimizer.param_groups for p in g["params"]]
     opt["state"] = {i: {k: like(v, order[int(i)]) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in st.items()}
@@ -152,8 +182,41 @@ def training_record(out: Path) -> dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
-def keep_metrics(out: Path, step: int) -> None:
-    """Drop the metrics lines after `step` (logged after the checkpoint resumed from)."""
-    lines = (out / METRICS_FILE).read_text().splitlines() if (out / METRICS_FILE).exists() else []
-    keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    (out / METRICS_FILE).write_text("".join(ln + "\n" for ln in keep))
+def check_resumable(out: Path, world: int, global_batch: int) -> None:
+    """Refuse to resume the run in `out` with another number of processes or global batch: the
+    data order, the schedule and the learning rate would silently change."""
+    prev = artifact.read_meta(out).get("training") or {}
+    was_world, was_batch = prev.get("world_size"), prev.get("global_batch")
+    if was_world is not None and was_world != world:
+        raise Lav2Error(f"--resume: {out} was trained by {was_world} process(es) (global batch {was_batch}), "
+                        f"this run has {world} (global batch {global_batch}); refused: the global batch, the data "
+                        f"order and the learning rate would change. Resume it with {was_world} process(es)"
+                        + (f" (torchrun --nproc_per_node {was_world})" if was_world > 1 else " (without torchrun)"))
+    if was_batch is not None and was_batch != global_batch:
+        raise Lav2Error(f"--resume: {out} was trained with global batch {was_batch}, this run's is {global_batch} "
+                        f"(train.batch_size x train.grad_accum x processes); refused: resume with the run's own "
+                        f"batch settings")
+
+
+def keep_metrics(out: Path, step: int, log: Callable[[str], None] | None = None) -> None:
+    """Drop the metrics lines after `step` (logged after the checkpoint resumed from), and a
+    line an interrupted append cut short (a kill, a full disk), with a note."""
+    f = out / METRICS_FILE
+    lines = f.read_bytes().split(b"\n") if f.exists() else []
+    keep, cut = [], []
+    for lineno, ln in enumerate(lines, 1):
+        if not ln.strip():
+            continue
+        try:
+            rec = json.loads(ln)
+            if not isinstance(rec, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            cut.append(lineno)
+            continue
+        if rec.get("step", 0) <= step:
+            keep.append(ln.decode() + "\n")
+    if cut and log:
+        log(f"{f}: dropped unreadable line(s) {', '.join(map(str, cut))} (cut short by an interrupted append)")
+    with atomic_file(f) as w:
+        w.writelines(keep)

@@ -4,10 +4,12 @@ train on and folds the standardisation back into a plain projection whenever it 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import random
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, Callable
@@ -16,7 +18,7 @@ import torch
 
 from lav2cli.engine import Engine
 from lav2cli.errors import Lav2Error
-from lav2cli.fileio import atomic_file, cache_root
+from lav2cli.fileio import atomic_file, cache_root, sweep
 from lav2cli.model.adapter import LlamaAdapterV2
 from lav2cli.model.vision import load_image
 from lav2cli.recipe import TrainSection
@@ -56,21 +58,65 @@ def feature_cache(engine: Engine, paths: list[str], log: Callable[[str], None]) 
         st = os.stat(p)
         h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     f = cache_root() / "features" / f"{h.hexdigest()[:32]}.npy"
-    if f.is_file():
+    sweep(f.parent)  # what a killed encoding left (its key may never come back)
+    feats = cached_features(f, len(paths), log)
+    if feats is not None:
         log(f"image features: {len(paths)} images from the cache {f}")
     else:
         with atomic_file(f, "wb") as out:
-            encode_all(engine, paths, out)
+            encode_all(engine, paths, out, where=f)
         log(f"image features: {len(paths)} images encoded and cached in {f}")
-    feats = np.load(f, mmap_mode="r")
+        feats = np.load(f, mmap_mode="r")
     index = {p: i for i, p in enumerate(paths)}
     return lambda p: torch.from_numpy(np.array(feats[index[p]], dtype=np.float32))
 
 
+def cached_features(f: Path, n: int, log: Callable[[str], None]):
+    """The feature cache `f` memory-mapped, or None when it is missing or damaged (cut short,
+    the wrong shape, not an .npy: said in a line naming the file, and encoded again)."""
+    import numpy as np
+
+    if not f.is_file():
+        return None
+    try:
+        feats = np.load(f, mmap_mode="r")  # a file shorter than its header says fails here
+        size = f.stat().st_size
+        if feats.ndim != 3 or feats.shape[0] != n or feats.dtype != np.float16 or size != feats.offset + feats.nbytes:
+            raise ValueError(f"{size} bytes holding {feats.dtype}{list(feats.shape)}, expected float16[{n}, ...]")
+    except Exception as e:  # whatever is wrong with it, the images are the truth
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        log(f"{f}: damaged feature cache ({reason}); encoding the images again")
+        return None
+    return feats
+
+
+def reserve(out: IO[bytes], size: int, where: Path) -> None:
+    """Allocate the whole file once its size is known (after the first batch): a full disk fails
+    here, in one line, before the rest is encoded, and not as a SIGBUS or a torn file later."""
+    out.flush()
+    try:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(out.fileno(), 0, size)
+            return
+        free = shutil.disk_usage(where.parent).free
+        if free >= size:
+            return
+        err = OSError(errno.ENOSPC, "not enough free space")
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return  # a filesystem that cannot preallocate: the writes still fail cleanly
+        err = e
+    free = shutil.disk_usage(where.parent).free
+    raise Lav2Error(f"{where}: no space for the image feature cache (needs {size / 1e6:,.1f} MB, "
+                    f"{free / 1e6:,.1f} MB free); free some space, set LAV2_CACHE to another disk, or "
+                    f"set data.feature_cache = false") from err
+
+
 @torch.no_grad()
-def encode_all(engine: Engine, paths: list[str], out: IO[bytes], batch: int = 64) -> None:
+def encode_all(engine: Engine, paths: list[str], out: IO[bytes], batch: int = 64, where: Path | None = None) -> None:
     """Encode every image into the open file `out` as one .npy array [N, tokens, dim] fp16,
-    written batch by batch."""
+    written batch by batch (the whole file reserved once the shape is known, when `where`, the
+    file's final name, is given)."""
     import numpy as np
     from rich.console import Console
     from rich.progress import Progress
@@ -84,6 +130,8 @@ def encode_all(engine: Engine, paths: list[str], out: IO[bytes], batch: int = 64
                 np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(feats.dtype),
                                                            "fortran_order": False,
                                                            "shape": (len(paths), *feats.shape[1:])})
+                if where is not None:
+                    reserve(out, out.tell() + len(paths) * feats[0].nbytes, where)
             out.write(np.ascontiguousarray(feats).tobytes())
             bar.advance(task, len(ims))
 

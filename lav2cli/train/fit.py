@@ -240,6 +240,7 @@ class Trainer:
         self.last_saved = self.step
 
     def _restore(self) -> None:
+        checkpoint.check_resumable(self.out, self.dist.world, self.global_batch)
         state, saved = checkpoint.read(self.out)
         checkpoint.restore_tensors(self.model, saved)
         restore_feature_norm(self.model, state.get("feature_norm"), self.standardize, self.out)
@@ -250,7 +251,7 @@ class Trainer:
             return
         self.seconds_before = checkpoint.seconds_trained(self.out)
         if self.dist.main:
-            checkpoint.keep_metrics(self.out, self.step)
+            checkpoint.keep_metrics(self.out, self.step, self.log)
         self.log(f"resuming {self.out} at step {self.step} of {self.total_steps}")
         planned = checkpoint.training_record(self.out).get("total_steps")
         before = self.optimizer.param_groups[0]["lr"]  # the rate the saved schedule gives the next step

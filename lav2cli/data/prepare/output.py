@@ -3,6 +3,7 @@ written together and atomically (manifest last), or the records on stdout; then 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -21,13 +22,21 @@ def output_paths(out: str) -> tuple[str, str, str]:
 
 def write_files(outputs: list[tuple[str, list[Record]]], manifest: dict[str, Any], manifest_path: str,
                 out_dir: str) -> None:
-    """Each ``(path, records)`` and then the manifest, all or none: a failure leaves earlier files as they were.
-    Image paths are written relative to ``out_dir`` where they lie under it."""
-    manifest_text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
+    """Each ``(path, records)`` and then the manifest, all or none (fileio.atomic_files: a crash
+    between the renames is finished by the next write): a failure leaves earlier files as they
+    were. The manifest's ``outputs`` entries get each file's ``sha256``, so that a records file
+    can be checked against the manifest beside it. Image paths are written relative to
+    ``out_dir`` where they lie under it."""
+    by_file = {o["path"]: o for o in manifest["outputs"].values()}
     with atomic_files([path for path, _ in outputs] + [manifest_path], encoding="utf-8") as files:
-        for f, (_, records) in zip(files, outputs):
-            f.writelines(_lines(records, out_dir))
-        files[-1].write(manifest_text)
+        for f, (path, records) in zip(files, outputs):
+            h = hashlib.sha256()
+            for line in _lines(records, out_dir):
+                f.write(line)
+                h.update(line.encode("utf-8"))
+            if os.path.basename(path) in by_file:
+                by_file[os.path.basename(path)]["sha256"] = h.hexdigest()
+        files[-1].write(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_stdout(records: list[Record]) -> None:

@@ -10,7 +10,8 @@
    the image as the source names it (so all captions of one image fall on one side) or, for
    text-only records, the record id,
 6. atomic writes of ``FILE.jsonl``, ``FILE.val.jsonl`` and ``FILE.manifest.json`` (manifest
-   last), and a summary on stderr.
+   last; a crash between the renames is finished by the next write, and the manifest names each
+   file's SHA-256), and a summary on stderr. An output that would replace an input is refused.
 
 With ``strict=True`` the first problem in input order raises :class:`Lav2Error`
 ``"FILE:WHERE: reason"`` and nothing is written. ``out="-"`` writes the records to stdout, writes no
@@ -32,6 +33,7 @@ from lav2cli.data.prepare.job import UI, Job
 from lav2cli.data.prepare.output import output_paths, print_summary, write_files, write_stdout
 from lav2cli.data.records import KINDS, Record
 from lav2cli.errors import Lav2Error
+from lav2cli.fileio import refuse_overwrite
 
 # each source's converter; its keyword arguments are the source's own options
 SOURCES: dict[str, Callable[..., Iterator[Item]]] = {
@@ -73,6 +75,9 @@ def prepare(
     if not to_stdout and (os.path.isdir(out) or out.endswith(os.sep)):
         raise Lav2Error(f"--out {out}: a folder; give a file name such as {os.path.join(out, 'records.jsonl')}")
     out_dir = None if to_stdout else os.path.dirname(os.path.abspath(out))
+    if not to_stdout:  # the outputs must not replace what this run reads (checked again once read)
+        _refuse_overwrite(out, [(f"--{k.replace('_', '-')}", v) for k, v in options.items()
+                                if isinstance(v, (str, os.PathLike))])
     workers = workers or min(32, (os.cpu_count() or 1) + 4)
     ui = UI(quiet)
     job = Job(out_dir, workers, ui)
@@ -113,6 +118,7 @@ def prepare(
         manifest["outputs"]["records"] = {"path": "-", "records": len(train), "by_kind": _by_kind(train)}
         write_stdout(train)
     else:
+        _refuse_overwrite(out, [("the input", i["path"]) for i in job.inputs])
         out_path, val_path, manifest_path = output_paths(out)
         outputs = [("records", out_path, train)] + ([("val", val_path, val)] if val_fraction > 0 else [])
         for name, path, recs in outputs:
@@ -120,6 +126,12 @@ def prepare(
         write_files([(path, recs) for _, path, recs in outputs], manifest, manifest_path, out_dir)
     print_summary(ui, manifest, None if to_stdout else out)
     return manifest
+
+
+def _refuse_overwrite(out: str, inputs: list[tuple[str, Any]]) -> None:
+    for path in output_paths(out):
+        for what, src in inputs:
+            refuse_overwrite(path, {what: src})
 
 
 def in_val(key: str, fraction: float) -> bool:
