@@ -7,9 +7,10 @@ import typer
 from lav2cli import ask as asking
 from lav2cli.answer import Pipeline, marked_self_caption
 from lav2cli.cli.common import (EXPERTS_HELP, CaptionModel, CaptionThreshold, Experts, OcrEngineOption,
-                                SelfCaption, load_engine, log_to_stderr)
+                                Quantize, SelfCaption, load_engine, log_to_stderr)
 from lav2cli.experts import ExpertOptions, OcrEngine
 from lav2cli.inference.generate import Sampling
+from lav2cli.model.quant import parse_quantize
 from lav2cli.registry import DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False)
@@ -31,6 +32,7 @@ def ask(
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step (pays off on long answers)."),
+    quantize: Quantize = "none",
     expert: Experts = [], caption_model: CaptionModel = None, caption_threshold: CaptionThreshold = 0.2,
     ocr_engine: OcrEngineOption = OcrEngine.rapidocr, self_caption: SelfCaption = True,
 ) -> None:
@@ -45,13 +47,16 @@ def ask(
       lav2 ask sign.png "What does the sign say?" --expert ocr --expert caption --show-prompt
 
       ls images/*.png | lav2 ask - "What shape is in the image?" --json
+
+      lav2 ask none "What is the capital of France?" --quantize int8
     """
     named = ExpertOptions.make(expert, caption_model=caption_model, caption_threshold=caption_threshold,
                                ocr_engine=ocr_engine, device=device, dtype=dtype)
     asking.check_image_arg(image, named)
+    parse_quantize(quantize)  # a bad value fails before anything loads
     pipeline = Pipeline.make(named, marked=marked_self_caption(model), self_caption=self_caption)
     pipeline.load()  # an expert that cannot run fails before the model loads
-    engine = load_engine(model, base=base, clip=clip, device=device, dtype=dtype, inference=True)
+    engine = load_engine(model, base=base, clip=clip, device=device, dtype=dtype, inference=True, quantize=quantize)
     engine.compile_decode = compile
     pipeline.bind(engine)
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)

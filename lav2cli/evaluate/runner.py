@@ -36,6 +36,7 @@ from lav2cli.evaluate import tasks as T
 from lav2cli.experts import ExpertOptions
 from lav2cli.fileio import atomic_file
 from lav2cli.inference.generate import Sampling
+from lav2cli.model.quant import parse_quantize
 from lav2cli.registry import DEFAULT_MODEL
 
 __all__ = ["EvalOptions", "run", "evaluate", "metrics_path", "read_predictions"]
@@ -70,6 +71,7 @@ class EvalOptions:
     caption_threshold: float = 0.2
     ocr_engine: str = "rapidocr"
     self_caption: bool = True  # vqa, mme: a model marked self_caption captions each image first
+    quantize: str = "none"  # the frozen base linears: none, int8, int4[:GROUP] (model.quant)
 
     def expert_options(self) -> ExpertOptions:
         """The experts named (checked); the pipeline adds the model's own caption by its rule."""
@@ -211,6 +213,8 @@ def _predict(engine: Engine, opts: EvalOptions, todo: list[T.Unit], out: Path, e
                 rows = _generate(engine, opts, batch, max_new, pipeline)
             for row in rows:
                 row["model"] = opts.model
+                if opts.quantize != "none":
+                    row["quantize"] = opts.quantize
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 new[row["id"]] = row
             f.flush()
@@ -236,6 +240,9 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] | None = None) -> dic
         raise Lav2Error(f"experts help answer questions about images: vqa and mme take --expert, {opts.task} does not")
     if named.experts and opts.predictions is not None:
         raise Lav2Error("--expert changes the prompts of a model run; it cannot apply to a --predictions file")
+    opts.quantize = str(parse_quantize(opts.quantize) or "none")
+    if opts.quantize != "none" and opts.predictions is not None:
+        raise Lav2Error("--quantize changes a model run; it cannot apply to a --predictions file")
     records = list(read_records(opts.data))
     if not records:
         raise Lav2Error(f"{opts.data}: no records")
@@ -277,6 +284,7 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] | None = None) -> dic
                     raise Lav2Error(f"{opts.out}: prediction {incomplete[0]!r} lacks loss or prediction; "
                                     "use another --out")
         _check_experts(preds, pipeline, opts.out)
+        _check_quantize(preds, opts.quantize, opts.out)
         todo = [u for u in units if u.id not in preds]
         if preds and todo:
             log(f"resuming: {len(units) - len(todo)} of {len(units)} already in {opts.out}")
@@ -306,6 +314,8 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] | None = None) -> dic
                 raise Lav2Error(f"{source}: no MME image with predictions for both its questions")
     result: dict[str, Any] = {"task": opts.task, "data": str(opts.data), "model": opts.model,
                               "predictions": str(source), "n": len(scored)}
+    if opts.quantize != "none":
+        result["quantize"] = opts.quantize
     if pipeline.experts:
         result["experts"] = pipeline.sources()
     result.update(T.SCORERS[opts.task](scored, preds))
@@ -333,13 +343,22 @@ def _check_experts(preds: dict[str, dict], pipeline: Pipeline, out: Path) -> Non
                             "use another --out")
 
 
+def _check_quantize(preds: dict[str, dict], quantize: str, out: Path) -> None:
+    """A resumed run must quantise the base as the file's predictions were made."""
+    for p in preds.values():
+        if p.get("quantize", "none") != quantize:
+            raise Lav2Error(f"{out}: holds predictions made with --quantize {p.get('quantize', 'none')}, not "
+                            f"{quantize}; use another --out")
+
+
 def _names(sources: list[list[str]]) -> str:
     return ", ".join(f"{n} ({s})" for n, s in sources) or "none"
 
 
 def _load(opts: EvalOptions) -> Engine:
     with _stderr().status(f"loading {opts.model} ...", spinner="dots"):
-        engine = load(opts.model, base=opts.base, clip=opts.clip, device=opts.device, dtype=opts.dtype, inference=True)
+        engine = load(opts.model, base=opts.base, clip=opts.clip, device=opts.device, dtype=opts.dtype, inference=True,
+                      quantize=opts.quantize)
     engine.compile_decode = opts.compile
     return engine
 
