@@ -106,7 +106,7 @@ def test_fused_decoding_kernels_agree_with_the_dequantised_product(spec):
 def test_parse_quantize_and_bad_values():
     assert parse_quantize("none") is None and parse_quantize(None) is None
     assert parse_quantize("int8") == QuantSpec(8)
-    assert parse_quantize("int4") == QuantSpec(4, 64) and str(parse_quantize("INT4:128")) == "int4:128"
+    assert parse_quantize("int4") == QuantSpec(4, 32) and str(parse_quantize("INT4:128")) == "int4:128"
     for bad in ("int5", "int4:48", "int4:", "fp8", "int8:64"):
         with pytest.raises(Lav2Error, match="expected none, int8, int4 or int4:GROUP"):
             parse_quantize(bad)
@@ -306,3 +306,20 @@ def test_cuda_kernels_agree_with_the_dequantised_product(spec):
     assert layout == ("plain" if spec.bits == 8 else "cuda-int4")
     assert rel(packed, plain) < 0.01
     assert rel(plain, (x.float() @ w.float().t())) < PRODUCT_TOL[str(spec)]
+
+
+# -- the embedded GGUF base ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_int4_32_keeps_the_embedded_q4_1_base_exactly():
+    """SmolLM2's GGUF stores its linears as Q4_1 (blocks of 32 values, a scale and a minimum):
+    every block uses all 16 levels, so int4:32 lands on the file's own grid, weight for weight."""
+    f = engine.load("smollm2-135m-instruct", device="cpu")
+    q = engine.load("smollm2-135m-instruct", device="cpu", quantize="int4:32")
+    n = 0
+    for name, p in f.model.named_parameters():
+        if ".attention.w" in name or ".feed_forward.w" in name:
+            assert torch.equal(q.model.get_submodule(name.removesuffix(".weight")).quantized.dequantize(), p), name
+            n += 1
+    assert n == 7 * f.config.llama.n_layers

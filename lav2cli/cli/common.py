@@ -30,7 +30,7 @@ def load_engine(model: str, *, base: str | None, clip: str | None, device: str, 
 
 Quantize = Annotated[str, typer.Option(
     "--quantize", help="Store the frozen base linears as int8 (per output row) or int4 (int4:GROUP, group-wise "
-                       "along the input; int4 = int4:64); the adapter stays float. none: float weights.")]
+                       "along the input; int4 = int4:32); the adapter stays float. none: float weights.")]
 
 
 # the rule these options follow is answer.Pipeline.make's

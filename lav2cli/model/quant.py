@@ -37,8 +37,10 @@ from lav2cli.model.adapter import LlamaAdapterV2, param_role
 from lav2cli.model.config import LINEAR_MODULES, LlamaConfig
 
 GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernels take
-DEFAULT_GROUP_SIZE = 64  # divides every input width of SmolLM2-135M (576) and LLaMA-7B/13B
-CHOICES = "none, int8, int4 or int4:GROUP (GROUP 32, 64, 128 or 256; int4 alone is int4:64)"
+# divides every input width of the named shapes, and on a Q4_1 GGUF base (blocks of 32 with a
+# scale and a minimum) it lands on the file's own grid
+DEFAULT_GROUP_SIZE = 32
+CHOICES = "none, int8, int4 or int4:GROUP (GROUP 32, 64, 128 or 256; int4 alone is int4:32)"
 
 
 @dataclass(frozen=True)
