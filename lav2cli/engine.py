@@ -27,6 +27,7 @@ from lav2cli.inference.fold import gates_open, prepare_for_inference
 from lav2cli.inference.generate import Sampling, generate
 from lav2cli.model.adapter import LlamaAdapterV2, initial_value, is_adapter_param
 from lav2cli.model.config import AdapterConfig, LlamaConfig
+from lav2cli.model.quant import QuantSpec, check_quantizable, parse_quantize, quantize_base
 from lav2cli.model.vision import ImagePreprocess, build_encoder
 from lav2cli.templates import Template, get_template
 from lav2cli.tokenizer import Tokenizer
@@ -47,6 +48,7 @@ class EngineConfig:
     preprocess: ImagePreprocess | None = None
     files: list[Path] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)  # lav2.json of an artifact
+    quantize: str | None = None  # the base linears' quantisation as loaded ("int8", "int4:64"), None: float
 
 
 DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
@@ -112,12 +114,13 @@ _BASE_BIAS = re.compile(r"^layers\.\d+\.(?:attention|feed_forward)\.(w[qkvo123])
 def assemble(cfg: LlamaConfig, adapter: AdapterConfig | None, base: BaseWeights,
              adapter_sd: dict[str, torch.Tensor] | None, adapter_file: Path | None,
              encoder: nn.Module | None, device: torch.device, dtype: torch.dtype,
-             strict_adapter: bool = True) -> LlamaAdapterV2:
+             strict_adapter: bool = True, quantize: QuantSpec | None = None) -> LlamaAdapterV2:
     """Build the model on the meta device and fill it, accounting for every tensor.
 
     Base tensors are cast to `dtype`; adapter tensors stay float32 (they are small and train).
     With strict_adapter, every adapter tensor must come from `adapter_sd`; otherwise the
-    missing ones start at their identity-preserving initial values.
+    missing ones start at their identity-preserving initial values. With `quantize`, the base
+    linears are quantised one at a time on `device` before the rest moves there.
     """
     biased = sorted({m.group(1) for k in base.state_dict if (m := _BASE_BIAS.match(k))})
     if biased != sorted(cfg.linear_bias):  # a merged base (lav2 merge) carries plain linear biases
@@ -168,6 +171,8 @@ def assemble(cfg: LlamaConfig, adapter: AdapterConfig | None, base: BaseWeights,
     model.llama.extend_rope(cfg.max_seq_len)  # non-persistent buffers were created on meta
     if adapter is not None and adapter.visual is not None:
         model.clip = encoder.to(dtype=dtype) if encoder is not None else None
+    if quantize is not None:
+        quantize_base(model, quantize, device)
     model.freeze_base()
     return model.to(device).eval()
 
@@ -239,7 +244,7 @@ class Engine:
 def load(ref: str, *, base: str | None = None, clip: str | None = None,
          device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
          adapter: AdapterConfig | None = None, encoder: dict[str, Any] | None = None,
-         inference: bool = False, add_lora_rank: int = 0) -> Engine:
+         inference: bool = False, add_lora_rank: int = 0, quantize: str | QuantSpec | None = None) -> Engine:
     """Resolve a model reference (`formats.open`) and build the engine.
 
     `adapter` (with `encoder`, an encoder spec, when it has a visual branch) puts a fresh
@@ -249,10 +254,15 @@ def load(ref: str, *, base: str | None = None, clip: str | None = None,
     `inference=True` prepares the model for inference (`prepare_for_inference`: scales and LoRA
     folded into the frozen weights, float32 CPU weights column-major; faster, and the engine can
     then not train or save).
+    `quantize` ("int8", "int4", "int4:GROUP" or "none"; `model.quant`) stores the frozen base
+    linears quantised; the adapter stays float. An artifact loads on the float base unless asked:
+    the quantisation it trained with (`training.quantize` in lav2.json) is a record, not a need.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    spec = parse_quantize(quantize)
     r = formats.open(str(ref), base=base, clip=clip)
+    check_quantizable(r.base.config, spec)
     kind, bw, base_ref, template, files = r.kind, r.base, r.base_ref, r.template, r.files
     adapter_cfg, enc_spec, preprocess = r.adapter, r.encoder, r.preprocess
     if kind == "base":
@@ -281,10 +291,11 @@ def load(ref: str, *, base: str | None = None, clip: str | None = None,
 
     # a stage saves only what it trained: an artifact's other adapter tensors keep their initial values
     model = assemble(bw.config, adapter_cfg, bw, r.adapter_tensors, r.adapter_file, encoder, dev, dt,
-                     strict_adapter=kind != "artifact")
+                     strict_adapter=kind != "artifact", quantize=spec)
     cfg = EngineConfig(ref=str(ref), kind=kind, llama=model.config, adapter=model.adapter, template=template,
                        base_ref=base_ref, base_format=bw.format, encoder=enc_spec if encoder else None,
-                       preprocess=preprocess if encoder else None, files=files, meta=r.meta)
+                       preprocess=preprocess if encoder else None, files=files, meta=r.meta,
+                       quantize=str(spec) if spec else None)
     transform = preprocess.transform() if (preprocess is not None and encoder is not None) else None
     if inference:
         prepare_for_inference(model)

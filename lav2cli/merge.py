@@ -20,6 +20,12 @@ Output layouts (`--format`):
         Meta's layout has no place for).
 The directory is written atomically, and, unless verify=False, loaded back and compared with
 the unmerged model on a few probe prompts (and an image, when there is a visual branch).
+
+An adapter trained on a quantised base (`training.quantize` in its lav2.json, e.g. "int4:64")
+learned on top of the dequantised weights: merge quantises the base the same way, folds into
+the dequantised weights in float32 and writes float weights (never quantised ones), so the merged
+model computes what the trained one did. `float_base=True` folds into the original float weights
+instead.
 """
 
 from __future__ import annotations
@@ -54,6 +60,9 @@ class MergeResult:
     folded: list[str]
     kept: list[str]  # what stays in the sidecar (empty: plain weights only)
     sidecar_params: int
+    # the quantisation the adapter trained with, whose dequantised base was folded into (None: the
+    # float base); the written weights are float either way
+    base_quantize: str | None = None
     max_logit_diff: float | None = None
     probes: int = 0
     with_image: bool = False
@@ -107,9 +116,20 @@ def _check_out(out: Path, force: bool) -> None:
             raise Lav2Error(f"--out {out}: exists and is not empty (pass --force to replace it)")
 
 
+def trained_quantize(kind: str, path: Path | None) -> str | None:
+    """The quantisation an artifact's last stage trained with ("int8", "int4:64"), or None."""
+    if kind != "artifact" or path is None:
+        return None
+    meta = artifact.read_meta(path)
+    if meta.get("merged"):  # its base is already the folded float one
+        return None
+    q = (meta.get("training") or {}).get("quantize")
+    return None if q in (None, "none") else q
+
+
 def merge(ref: str, out: str | Path, *, format: str = "lav2", dtype: str = "auto", base: str | None = None,
           clip: str | None = None, device: str = "auto", force: bool = False, verify: bool = True,
-          log: Callable[[str], None] = lambda m: None) -> MergeResult:
+          float_base: bool = False, log: Callable[[str], None] = lambda m: None) -> MergeResult:
     """Fold the adapter at `ref` into plain weights at `out` (see the module docstring)."""
     from safetensors.torch import save_file
 
@@ -125,8 +145,9 @@ def merge(ref: str, out: str | Path, *, format: str = "lav2", dtype: str = "auto
                         f"(expected a lav2 artifact directory or an official LLaMA-Adapter .pth)")
     refuse_overwrite(out, {"the adapter being merged": path, "the --base model": base})
 
-    log(f"loading {ref} (float32) ...")
-    eng = engine.load(str(ref), base=base, clip=clip, device=device, dtype="float32")
+    base_quantize = None if float_base else trained_quantize(kind, path)
+    log(f"loading {ref} (float32{f', the base quantised {base_quantize} as in training' if base_quantize else ''}) ...")
+    eng = engine.load(str(ref), base=base, clip=clip, device=device, dtype="float32", quantize=base_quantize)
     model, c = eng.model, eng.config
     if c.adapter is None:
         raise Lav2Error(f"{ref}: has no adapter: nothing to merge")
@@ -158,7 +179,7 @@ def merge(ref: str, out: str | Path, *, format: str = "lav2", dtype: str = "auto
     eng.model = None  # free the unmerged weights before the merged ones are loaded back
 
     result = MergeResult(out=str(out), format=format, dtype=engine.dtype_name(out_dt), folded=fold_kinds, kept=kept,
-                         sidecar_params=sum(t.numel() for t in side_sd.values()))
+                         sidecar_params=sum(t.numel() for t in side_sd.values()), base_quantize=base_quantize)
     log(f"writing {format} layout ({result.dtype}) ...")
     with atomic_dir(out, wait=False) as tmp:  # a second merge into the same --out is refused
         plain_cfg = replace(c.llama, linear_bias=[])
@@ -179,7 +200,7 @@ def merge(ref: str, out: str | Path, *, format: str = "lav2", dtype: str = "auto
                 template=c.template, training=c.meta.get("training"),
                 self_caption=bool(c.meta.get("self_caption")),  # it answers as the unmerged model did
                 merged={"from": str(ref), "format": format, "dtype": result.dtype, "folded": fold_kinds,
-                        "kept": kept, "adapter": c.adapter.to_dict()})
+                        "kept": kept, "adapter": c.adapter.to_dict(), "base_quantize": base_quantize})
             (tmp / artifact.META).write_text(json.dumps(meta, indent=2) + "\n")
         if verify:
             log("verifying: loading the merged directory back ...")
@@ -203,7 +224,7 @@ def merge(ref: str, out: str | Path, *, format: str = "lav2", dtype: str = "auto
 
 
 def main(ref: str, out: Path, format: str, dtype: str, base: str | None, clip: str | None, device: str,
-         force: bool, verify: bool, as_json: bool) -> None:
+         force: bool, verify: bool, as_json: bool, float_base: bool = False) -> None:
     """`lav2 merge` behind the CLI: progress on stderr, the result on stdout."""
     from rich.console import Console
 
@@ -213,8 +234,11 @@ def main(ref: str, out: Path, format: str, dtype: str, base: str | None, clip: s
         err.print(msg, markup=False, soft_wrap=True)
 
     r = merge(ref, out, format=format, dtype=dtype, base=base, clip=clip, device=device, force=force,
-              verify=verify, log=log)
+              verify=verify, float_base=float_base, log=log)
     log(f"folded: {', '.join(r.folded) or 'nothing'}")
+    if r.base_quantize:
+        log(f"the adapter trained on a {r.base_quantize}-quantised base: folded into that base dequantised, "
+            f"written as {r.dtype} weights (not quantised); --float-base folds into the original float weights")
     if r.kept:
         log(f"kept outside the plain weights ({r.sidecar_params:,} parameters in lav2.json + adapter.safetensors): "
             + "; ".join(r.kept)

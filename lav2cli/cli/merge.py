@@ -24,10 +24,12 @@ def merge(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (folding runs in float32 there).")] = "auto",
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Load the result back and report the max logit difference to the unmerged model.")] = True,
+    float_base: Annotated[bool, typer.Option("--float-base", help="An adapter trained on a quantised base (training.quantize): fold into the original float weights instead of the dequantised ones it trained on.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
 ) -> None:
     """Fold an adapter's bias, scale, LoRA and norms into plain LLaMA weights; prompts, gates and
-    the visual branch stay a small sidecar artifact in the same directory.
+    the visual branch stay a small sidecar artifact in the same directory. An adapter trained on
+    a quantised base is folded into that base dequantised; the weights written are float.
 
     Examples:
 
@@ -38,4 +40,4 @@ def merge(
       lav2 merge LORA-BIAS-7B.pth --base llama-7b/ --clip ViT-L-14:openai --out merged/lora --format meta
     """
     merging.main(ref=ref, out=out, format=format, dtype=dtype, base=base, clip=clip, device=device, force=force,
-                 verify=verify, as_json=as_json)
+                 verify=verify, as_json=as_json, float_base=float_base)

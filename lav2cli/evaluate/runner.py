@@ -36,6 +36,7 @@ from lav2cli.evaluate import tasks as T
 from lav2cli.experts import ExpertOptions
 from lav2cli.fileio import atomic_file
 from lav2cli.inference.generate import Sampling
+from lav2cli.model.quant import parse_quantize
 from lav2cli.registry import DEFAULT_MODEL
 from lav2cli.schema import JSONProblem, parse_json
 
@@ -72,6 +73,7 @@ class EvalOptions:
     ocr_engine: str = "rapidocr"
     self_caption: bool = True  # vqa, mme: a model marked self_caption captions each image first
     images_root: Path | None = None  # relative image paths resolve here (default: the records' folder)
+    quantize: str = "none"  # the frozen base linears: none, int8, int4[:GROUP] (model.quant)
 
     def expert_options(self) -> ExpertOptions:
         """The experts named (checked); the pipeline adds the model's own caption by its rule."""
@@ -220,6 +222,8 @@ def _predict(engine: Engine, opts: EvalOptions, todo: list[T.Unit], out: Path, e
                 rows = _generate(engine, opts, batch, max_new, pipeline)
             for row in rows:
                 row["model"] = opts.model
+                if opts.quantize != "none":
+                    row["quantize"] = opts.quantize
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 new[row["id"]] = row
             f.flush()
@@ -250,6 +254,9 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] | None = None) -> dic
         for flag, f in (("--out", opts.out), ("the metrics file", metrics_path(written))):
             if f is not None and _same_file(f, opts.data):
                 raise Lav2Error(f"{flag} {f} is the --data file: it would be overwritten; choose another name")
+    opts.quantize = str(parse_quantize(opts.quantize) or "none")
+    if opts.quantize != "none" and opts.predictions is not None:
+        raise Lav2Error("--quantize changes a model run; it cannot apply to a --predictions file")
     records = list(read_records(opts.data, opts.images_root))  # refuses duplicate ids: each unit is scored once
     if not records:
         raise Lav2Error(f"{opts.data}: no records")
@@ -291,6 +298,7 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] | None = None) -> dic
                     raise Lav2Error(f"{opts.out}: prediction {incomplete[0]!r} lacks loss or prediction; "
                                     "use another --out")
         _check_experts(preds, pipeline, opts.out)
+        _check_quantize(preds, opts.quantize, opts.out)
         todo = [u for u in units if u.id not in preds]
         if preds and todo:
             log(f"resuming: {len(units) - len(todo)} of {len(units)} already in {opts.out}")
@@ -321,6 +329,8 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] | None = None) -> dic
                 raise Lav2Error(f"{source}: no MME image with predictions for both its questions")
     result: dict[str, Any] = {"task": opts.task, "data": str(opts.data), "model": opts.model,
                               "predictions": str(source), "n": len(scored)}
+    if opts.quantize != "none":
+        result["quantize"] = opts.quantize
     if pipeline.experts:
         result["experts"] = pipeline.sources()
     result.update(T.SCORERS[opts.task](scored, preds))
@@ -395,13 +405,22 @@ def _check_experts(preds: dict[str, dict], pipeline: Pipeline, out: Path) -> Non
                             "use another --out")
 
 
+def _check_quantize(preds: dict[str, dict], quantize: str, out: Path) -> None:
+    """A resumed run must quantise the base as the file's predictions were made."""
+    for p in preds.values():
+        if p.get("quantize", "none") != quantize:
+            raise Lav2Error(f"{out}: holds predictions made with --quantize {p.get('quantize', 'none')}, not "
+                            f"{quantize}; use another --out")
+
+
 def _names(sources: list[list[str]]) -> str:
     return ", ".join(f"{n} ({s})" for n, s in sources) or "none"
 
 
 def _load(opts: EvalOptions) -> Engine:
     with _stderr().status(f"loading {opts.model} ...", spinner="dots"):
-        engine = load(opts.model, base=opts.base, clip=opts.clip, device=opts.device, dtype=opts.dtype, inference=True)
+        engine = load(opts.model, base=opts.base, clip=opts.clip, device=opts.device, dtype=opts.dtype, inference=True,
+                      quantize=opts.quantize)
     engine.compile_decode = opts.compile
     return engine
 

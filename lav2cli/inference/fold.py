@@ -20,6 +20,7 @@ from torch import nn
 
 from lav2cli.model.adapter import FOLDED_ROLES, AdaptedAttention, LlamaAdapterV2, param_role
 from lav2cli.model.config import LINEAR_MODULES, AdapterConfig
+from lav2cli.model.quant import pack_for_decoding
 
 
 def gates_open(model: LlamaAdapterV2, fusion_only: bool = False) -> bool:
@@ -41,7 +42,7 @@ def folded_linear(parent: nn.Module, name: str) -> tuple[torch.Tensor, torch.Ten
     """float32 (W', b') of the plain linear that equals `parent`'s adapted linear `name` with its
     LoRA pair, if any: W' = diag(s) (W + B A), b' = s b."""
     lin = getattr(parent, name)
-    w = _f32(lin.weight)
+    w = _f32(lin.dense_weight())  # a quantised base: the dequantised weight the adapter was applied to
     if parent.lora_rank:
         w = w + _f32(getattr(parent, f"lora_{name}_l2").weight) @ _f32(getattr(parent, f"lora_{name}_l1").weight)
     b = _f32(lin.bias) if lin.bias is not None else None
@@ -78,7 +79,7 @@ def _give_prompts_their_pairs(att: AdaptedAttention) -> None:
     pairs = {name: prompt_only_pair(att, name) for name in ("wk", "wv")}
     for name, pair in pairs.items():
         for suffix, w in zip(("l1", "l2"), pair):
-            lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=att.wk.weight.dtype)
+            lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=att.wk.weight_dtype)
             lin.weight.data.copy_(w)
             setattr(att, f"prompt_lora_{name}_{suffix}", lin.requires_grad_(False))
     att.prompt_lora = True
@@ -90,8 +91,11 @@ def fold_for_inference(model: LlamaAdapterV2) -> int:
     adapted linear is one F.linear again and eager decoding runs fewer small ops per token. A prompt
     layer's wk/wv whose LoRA folds get the prompt-only pair that takes it back out, as `lav2 merge`
     writes it. LoRA folds only into float32 weights (in bf16 the sum W + B A would round the pair
-    away); linears that already carry a prompt-only pair keep theirs unfolded. Inference only: the
-    model cannot be trained or saved afterwards. Returns the number of linears folded."""
+    away); linears that already carry a prompt-only pair keep theirs unfolded. Quantised linears
+    fold nothing: their scale and LoRA stay as trained on top of the quantised weight (folding
+    them in would move the weight off the grid it was quantised to, and an adapter trained on a
+    quantised base would no longer compute what it trained). Inference only: the model cannot be
+    trained or saved afterwards. Returns the number of linears folded."""
     folded = 0
     a = model.adapter
     first_prompt_layer = model.config.n_layers - a.prompt_layers if a is not None else 0
@@ -100,7 +104,9 @@ def fold_for_inference(model: LlamaAdapterV2) -> int:
             parent = getattr(layer, mod)
             names = [n for n, m in LINEAR_MODULES.items() if m == mod]
             lora = parent.lora_rank
-            if getattr(parent, "prompt_lora", False) or (lora and getattr(parent, names[0]).weight.dtype != torch.float32):
+            first = getattr(parent, names[0])
+            if getattr(parent, "prompt_lora", False) or first.quantized is not None \
+                    or (lora and first.weight.dtype != torch.float32):
                 continue
             if lora and mod == "attention" and parent.layer_id >= first_prompt_layer:
                 _give_prompts_their_pairs(parent)
@@ -139,10 +145,13 @@ def lay_out_for_cpu_decoding(model: LlamaAdapterV2) -> int:
 
 def prepare_for_inference(model: LlamaAdapterV2) -> tuple[int, int]:
     """What `ask`, `eval` and `bench decode` run on a loaded model: the CPU layout, then the fold
-    (which so writes into the layout's fresh copies, not into memory-mapped weights).
+    (which so writes into the layout's fresh copies, not into memory-mapped weights), then the
+    fused kernels' layouts for a quantised base (`model.quant.pack_for_decoding`).
     Returns (linears folded, weights moved)."""
     moved = lay_out_for_cpu_decoding(model)
-    return fold_for_inference(model), moved
+    folded = fold_for_inference(model)
+    pack_for_decoding(model)
+    return folded, moved
 
 
 # -- lav2 merge ----------------------------------------------------------------------------------

@@ -89,7 +89,11 @@ def initial_value(name: str, module: nn.Module, shape: torch.Size | tuple[int, .
 
 
 class AdaptedLinear(nn.Module):
-    """A frozen linear with an optional bias (init 0) and scale (init 1) of the output size."""
+    """A frozen linear with an optional bias (init 0) and scale (init 1) of the output size.
+
+    Its frozen weight is either the float `weight` or, once `model.quant.quantize_base` has
+    replaced it, `quantized` (a QuantizedWeight module computing the same product); bias, scale
+    and LoRA apply on top either way, in float."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, scale: bool):
         super().__init__()
@@ -97,11 +101,23 @@ class AdaptedLinear(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.scale = nn.Parameter(torch.ones(out_features)) if scale else None
+        self.quantized: nn.Module | None = None
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype the frozen weight computes in (a quantised weight's scales')."""
+        return self.weight.dtype if self.quantized is None else self.quantized.dtype
+
+    def dense_weight(self) -> torch.Tensor:
+        """The frozen weight as a float tensor [out, in] (dequantised when quantised)."""
+        return self.weight if self.quantized is None else self.quantized.dequantize()
 
     def forward(self, x: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
+        q = self.quantized
         if delta is None and self.scale is None:
-            return F.linear(x, self.weight, None if self.bias is None else self.bias.to(x.dtype))
-        y = F.linear(x, self.weight)
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, self.weight, bias) if q is None else q(x, bias)
+        y = F.linear(x, self.weight) if q is None else q(x)
         if delta is not None:
             y = y + delta
         if self.bias is not None:
@@ -160,7 +176,7 @@ class AdaptedAttention(_Adapted, Attention):
         scale, never the token path's LoRA; with the prompt-only LoRA where present), no RoPE.
         Computed once per request at inference."""
         B, K, _ = prompt.shape
-        prompt = prompt.to(self.wk.weight.dtype)  # prompts train in fp32; a bf16 base computes in bf16
+        prompt = prompt.to(self.wk.weight_dtype)  # prompts train in fp32; a bf16 base computes in bf16
         kp = self._prompt_proj("wk", prompt).view(B, K, self.n_kv_heads, self.head_dim).transpose(1, 2)
         vp = self._prompt_proj("wv", prompt).view(B, K, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return kp, vp

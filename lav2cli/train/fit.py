@@ -233,7 +233,8 @@ class Trainer:
         training = {**summary, "stage": self.recipe.train.stage, "step": self.step, "total_steps": self.total_steps,
                     "complete": complete, "recipe": in_effect(saved.to_dict(), continues=bool(self.initial)),
                     "data": {n: len(s.examples) for n, s in self.streams.items()},
-                    "groups": dict(self.print_groups())}
+                    "groups": dict(self.print_groups()),
+                    "quantize": self.engine.config.quantize or "none"}  # a record: the adapter loads on any base
         if self.previous_stage:
             training["previous"] = self.previous_stage
         checkpoint.write(self.out, self.engine, tensors, state, training, saved)

@@ -54,8 +54,9 @@ def seed_all(seed: int) -> None:
 
 def load_engine(r: Recipe, d: Dist) -> tuple[Engine, set[str], dict[str, Any] | None]:
     """(engine, the parameters the continued artifact holds, its training record). The frozen
-    base is bfloat16 on CUDA unless train.precision is fp32. Under FSDP the model is built on
-    the CPU and its blocks sharded onto the devices: the whole base never sits on one."""
+    base is bfloat16 on CUDA unless train.precision is fp32, its linears quantised as
+    model.quantize says. Under FSDP the model is built on the CPU and its blocks sharded onto
+    the devices: the whole base never sits on one."""
     t = r.train
     device = resolve_device(t.device if t.device != "auto" or d.world == 1 else (
         f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu"))
@@ -67,12 +68,13 @@ def load_engine(r: Recipe, d: Dist) -> tuple[Engine, set[str], dict[str, Any] | 
     previous = None
     if kind == "artifact":  # continue from an earlier stage: its adapter, its encoder
         engine = load(r.model.ref, base=r.model.base or None, device=load_device, dtype=dtype,
-                      add_lora_rank=r.adapter.lora_rank)  # [adapter] lora_rank > 0 adds LoRA
+                      add_lora_rank=r.adapter.lora_rank,  # [adapter] lora_rank > 0 adds LoRA
+                      quantize=r.model.quantize)
         initial = set(engine.model.from_released(artifact.load_tensors(path)))
         previous = engine.config.meta.get("training")
     else:
         engine = load(r.model.ref, device=load_device, dtype=dtype, adapter=r.adapter_config(),
-                      encoder=r.encoder_spec())
+                      encoder=r.encoder_spec(), quantize=r.model.quantize)
     if engine.model.adapter is None:
         raise Lav2Error(f"{r.model.ref}: nothing to train (no adapter)")
     if fsdp:
