@@ -311,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
         # and Ctrl-C into a silent 130; this one reports them
         with group.make_context(PROG, args) as ctx:
             group.invoke(ctx)
+        sys.exit(0)
     except typer.Exit as e:  # --help, --version, a command's own status
         sys.exit(e.exit_code)
     except BrokenPipeError:
