@@ -559,3 +559,61 @@ def test_chatml_renders_real_turns_and_alpaca_folds_them_into_the_input():
                            f"{HISTORY_HEADING}\nUser: Hi\nAssistant: Hello!\nUser: 2+2?\nAssistant: 4\n\n"
                            "Image caption: a cat\n\n### Response:")
     assert alpaca.prompt("x", history=()) == alpaca.prompt("x")  # no conversation: the template as trained
+
+
+def test_generate_stops_a_row_when_on_token_says_so(tiny_engine):
+    """The hook the server stops rows with (a client gone, a stop string, a row's max_tokens):
+    the row ends there, the others run on, and the batch ends when no row runs."""
+    from lav2cli.inference.generate import Sampling
+
+    eng = tiny_engine
+    prompts = [eng.template.encode_prompt(eng.tokenizer, q) for q in ("the red circle", "a blue square")]
+    sampling = Sampling(max_new_tokens=12, temperature=0)
+    free = eng.generate(prompts, sampling=sampling)
+    calls: list[int] = []
+
+    def on_token(row: int, ids: list[int]) -> bool:
+        calls.append(row)
+        return row == 0 and len(ids) == 2
+
+    out = eng.generate(prompts, sampling=sampling, on_token=on_token)
+    assert out[0] == free[0][:2] and out[1] == free[1]
+    assert calls.count(0) == 2 and calls.count(1) == len(free[1])
+    calls.clear()
+    assert eng.generate(prompts, sampling=sampling, on_token=lambda r, ids: True) == [free[0][:1], free[1][:1]]
+
+
+def test_the_scheduler_stops_a_cancelled_row_and_finishes_the_others(tiny_engine):
+    from lav2cli.answer import Pipeline
+    from lav2cli.experts import ExpertOptions, Experts
+    from lav2cli.serve.scheduler import Job, Scheduler
+
+    sched = Scheduler(tiny_engine, Pipeline(Experts(ExpertOptions())), max_batch=4, wait_s=0.5)
+    events: dict[str, list] = {"gone": [], "kept": []}
+    ended = {name: threading.Event() for name in events}
+    jobs: dict[str, Job] = {}
+
+    def emitter(name: str):
+        def emit(event: tuple) -> None:
+            events[name].append(event)
+            if name == "gone" and event[0] == "text":
+                jobs[name].cancel()  # the client goes away after its first piece of text
+            if event[0] in ("end", "error"):
+                ended[name].set()
+        return emit
+
+    for name, q in (("gone", "the red circle"), ("kept", "a blue square")):
+        jobs[name] = Job(Question(None, q), {}, 30, 0.0, 1.0, None, (), emitter(name))
+    sched.start()
+    try:
+        for job in jobs.values():
+            sched.submit(job)
+        assert all(e.wait(120) for e in ended.values())
+    finally:
+        sched.stop()
+    gone_end, kept_end = events["gone"][-1], events["kept"][-1]
+    assert gone_end[:2] == ("end", "cancelled")
+    texts_before_cancel = [i for i, e in enumerate(events["gone"]) if e[0] == "text"][0]
+    assert jobs["gone"].tokens < 30 and len(events["gone"]) == texts_before_cancel + 2  # no text after it
+    assert kept_end[1] in ("stop", "length") and (kept_end[1] == "length") == (kept_end[3] == 30)
+    assert sched.stats.batches == 1 and sched.stats.cancelled == 1 and sched.stats.completed == 1

@@ -1,9 +1,9 @@
 """The `lav2` command line: the Typer app, its command table and the console entry point.
 
 Each command group lives in its own module here (prepare, train, eval, merge, bench, ask,
-serve, info), which calls the library with explicit keyword arguments. A module is imported only when
-its command runs or shows its help: the library behind most commands imports torch, which
-takes seconds, so `lav2 --help` lists the commands from `COMMANDS` without importing them.
+serve, info), which calls the library with explicit keyword arguments. A module is imported
+only when its command runs or shows its help: the library behind most commands imports torch,
+which takes seconds, so `lav2 --help` lists the commands from `COMMANDS` without importing them.
 """
 
 from __future__ import annotations

@@ -190,7 +190,7 @@ def create_app(scheduler: Scheduler, settings: Settings) -> Starlette:
         body = await read_body(request, settings.max_body)
         try:
             data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise ApiError(400, f"the request body is not valid JSON ({e})", "invalid_json") from None
         req = await run_in_threadpool(protocol.parse_chat_request, data, limits)  # images decode off the loop
         loop = asyncio.get_running_loop()
