@@ -54,7 +54,7 @@ def workload(count: int, with_images: bool) -> list[tuple[str, Path | None]]:
         if images and i % 2 == 1:
             out.append((IMAGE_QUESTIONS[(i // 2) % len(IMAGE_QUESTIONS)], images[i]))
         else:
-            out.append((QUESTIONS[i % len(QUESTIONS)], None))
+            out.append((QUESTIONS[(i // 2 if images else i) % len(QUESTIONS)], None))
     return out
 
 
