@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.lav2-installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test test-gpu clean
+.PHONY: install demo test test-gpu test-browser clean
 
 install: $(STAMP)
 
@@ -29,6 +29,14 @@ test: $(STAMP)
 
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu
+
+# the chat page of `lav2 serve` in headless Chromium (Debian's chromium and chromium-driver)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+test-browser: $(STAMP)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium chromium-driver; }
+	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pytest -q -m browser tests/test_serve.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -28,7 +28,7 @@ from lav2cli.experts import ExpertOptions, ExpertOutput, Experts, context
 from lav2cli.formats import artifact, classify
 from lav2cli.inference.generate import Sampling
 from lav2cli.model.vision import load_image
-from lav2cli.templates import join_context
+from lav2cli.templates import Turn, join_context
 from lav2cli.tokenizer import StreamDecoder
 
 if TYPE_CHECKING:
@@ -54,6 +54,8 @@ class Question:
     instruction: str
     input: str = ""  # the record's own context; the experts' text joins it
     short_answer: bool = False
+    history: tuple[Turn, ...] = ()  # a conversation's earlier exchanges (`lav2 serve`)
+    system: str = ""  # a conversation's system message
 
 
 @dataclass
@@ -125,7 +127,7 @@ class Pipeline:
         tpl, tok = engine.template, engine.tokenizer
         prompts = []
         for q, outs in zip(questions, outputs):
-            parts = (q.instruction, join_context(q.input, context(outs)), q.short_answer)
+            parts = (q.instruction, join_context(q.input, context(outs)), q.short_answer, q.history, q.system)
             prompts.append(Prompt(tpl.prompt(*parts), tpl.encode_prompt(tok, *parts), outs))
         images, mask = (None, None) if self.from_caption else image_batch(engine, [q.image for q in questions], image)
         return Batch(prompts, images, mask)

@@ -2,7 +2,15 @@
 
 `alpaca` is the official LLaMA-Adapter template, text exact; `chatml` is the chat format of
 SmolLM2 and other ChatML models. Expert context and record `input` go into the Input section
-(alpaca) or a context paragraph before the question (chatml). The captioning instruction and the
+(alpaca) or a context paragraph before the question (chatml).
+
+A conversation (`lav2 serve`: earlier turns and a system message) is rendered by the same
+`Template.prompt`. chatml has real turns: the system message replaces the default system turn,
+each earlier exchange is a user turn and an assistant turn, and the context paragraph joins the
+last user turn. alpaca was trained on single instructions, so the conversation is folded into
+the Input section: the system message, then "Conversation so far:" with one "User: ..." and one
+"Assistant: ..." paragraph per earlier message, then the context; the last user message is the
+Instruction. The captioning instruction and the
 experts' labels live here too: `lav2 prepare` writes them into training data and the experts
 put them in prompts, so both must read the same text.
 """
@@ -35,6 +43,9 @@ CAPTION_INSTRUCTION = "Generate caption of this image"
 EXPERT_LABELS = {"caption": "Image caption", "ocr": "Text in the image"}
 # the caption expert's source when the answering model captions the image itself
 SELF_CAPTION_SOURCE = "the model itself"
+# alpaca: how earlier turns of a conversation are introduced in the Input section
+HISTORY_HEADING = "Conversation so far:"
+HISTORY_SPEAKERS = {"user": "User", "assistant": "Assistant"}
 
 
 def labelled(name: str, text: str) -> str:
@@ -49,6 +60,25 @@ def join_context(*parts: str) -> str:
 
 
 @dataclass(frozen=True)
+class Turn:
+    """One earlier exchange of a conversation: what the user said and what the model answered."""
+
+    user: str
+    assistant: str
+
+
+def history_text(history: tuple[Turn, ...] | list[Turn]) -> str:
+    """alpaca's folded conversation: a heading, then one "User: ..." / "Assistant: ..." paragraph
+    per message ("" without history)."""
+    if not history:
+        return ""
+    lines = [HISTORY_HEADING]
+    for t in history:
+        lines += [f"{HISTORY_SPEAKERS['user']}: {t.user.strip()}", f"{HISTORY_SPEAKERS['assistant']}: {t.assistant.strip()}"]
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
 class Template:
     name: str
 
@@ -56,9 +86,13 @@ class Template:
     def add_bos(self) -> bool:
         return self.name == "alpaca"  # chatml prompts start with their own <|im_start|>
 
-    def prompt(self, instruction: str, input: str = "", short_answer: bool = False) -> str:
+    def prompt(self, instruction: str, input: str = "", short_answer: bool = False,
+               history: tuple[Turn, ...] = (), system: str = "") -> str:
+        """The prompt of `instruction` with context `input`; `history` (earlier exchanges) and
+        `system` (a system message) make it a conversation (see the module docstring)."""
         instruction, input = instruction.strip(), (input or "").strip()
         if self.name == "alpaca":
+            input = join_context(system, history_text(history), input)
             head = ALPACA_PREAMBLE_INPUT if input else ALPACA_PREAMBLE
             if short_answer:
                 head = head.replace(" the request.\n\n", " the request" + SHORT_ANSWER_SUFFIX + "\n\n")
@@ -68,8 +102,10 @@ class Template:
         content = f"{input}\n\n{instruction}" if input else instruction
         if short_answer:
             content += "\nAnswer using a single word or phrase."
+        turns = "".join(f"<|im_start|>user\n{t.user.strip()}<|im_end|>\n"
+                        f"<|im_start|>assistant\n{t.assistant.strip()}<|im_end|>\n" for t in history)
         return (
-            f"<|im_start|>system\n{CHATML_SYSTEM}<|im_end|>\n"
+            f"<|im_start|>system\n{system.strip() or CHATML_SYSTEM}<|im_end|>\n{turns}"
             f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
         )
 
@@ -81,8 +117,9 @@ class Template:
                 return ids
         return [tok.eos_id]
 
-    def encode_prompt(self, tok: Tokenizer, instruction: str, input: str = "", short_answer: bool = False) -> list[int]:
-        return tok.encode(self.prompt(instruction, input, short_answer), bos=self.add_bos)
+    def encode_prompt(self, tok: Tokenizer, instruction: str, input: str = "", short_answer: bool = False,
+                      history: tuple[Turn, ...] = (), system: str = "") -> list[int]:
+        return tok.encode(self.prompt(instruction, input, short_answer, history, system), bos=self.add_bos)
 
     def encode_example(self, tok: Tokenizer, instruction: str, input: str, output: str,
                        max_tokens: int | None = None, short_answer: bool = False) -> tuple[list[int], list[int]]:

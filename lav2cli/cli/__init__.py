@@ -1,7 +1,7 @@
 """The `lav2` command line: the Typer app, its command table and the console entry point.
 
 Each command group lives in its own module here (prepare, train, eval, merge, bench, ask,
-info, plot), which calls the library with explicit keyword arguments. A module is imported only when
+info, plot, serve), which calls the library with explicit keyword arguments. A module is imported only when
 its command runs or shows its help: the library behind most commands imports torch, which
 takes seconds, so `lav2 --help` lists the commands from `COMMANDS` without importing them.
 
@@ -49,6 +49,7 @@ COMMANDS: dict[str, Command] = {
                                           "prompts, gates and the visual branch stay a small sidecar artifact in "
                                           "the same directory."),
     "ask": Command("lav2cli.cli.ask", "Answer a question about an image (or none) from the shell."),
+    "serve": Command("lav2cli.cli.serve", "Serve a model over HTTP: an OpenAI-compatible chat API and a chat page."),
     "info": Command("lav2cli.cli.info", "Show what a model reference resolves to: files, sizes, shape, parameter "
                                         "counts."),
     "prepare": Command("lav2cli.cli.prepare", "Convert a dataset into lav2 records (JSON lines) plus a manifest."),

@@ -121,13 +121,14 @@ def generate(
     images: torch.Tensor | None = None,
     image_mask: torch.Tensor | None = None,
     sampling: Sampling = Sampling(),
-    on_token: Callable[[int, list[int]], None] | None = None,
+    on_token: Callable[[int, list[int]], bool | None] | None = None,
     compile: bool = False,
 ) -> list[list[int]]:
     """Generate continuations for a batch of token-id prompts of any lengths.
 
     Returns the new tokens of each row, without the stop token. `on_token(row, new_ids)`
-    is called after each step for every row still running (used for streaming).
+    is called after each step for every row still running (used for streaming); when it returns
+    True, that row stops there (a stop string, a client gone), and the batch ends when no row runs.
     """
     device = model.llama.tok_embeddings.weight.device
     n_rows = len(prompts)
@@ -180,8 +181,9 @@ def generate(
                             done[r] = True
                             break
                         out[r].append(t)
-                        if on_token is not None:
-                            on_token(r, out[r])
+                        if on_token is not None and on_token(r, out[r]):
+                            done[r] = True
+                            break
                 unread.clear()
                 if all(done):
                     break

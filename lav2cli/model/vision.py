@@ -13,7 +13,7 @@ import importlib.util
 import math
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 import torch.nn.functional as F
@@ -328,16 +328,24 @@ def parse_clip_arg(text: str) -> dict[str, Any]:
 
 def load_image(path: str | Path):
     """Open and fully decode an image, or raise a one-line Lav2Error naming the file."""
-    from PIL import Image, UnidentifiedImageError
-
     p = Path(path)
     if not p.exists():
         raise Lav2Error(f"{p}: image not found")
     if p.is_dir():
         raise Lav2Error(f"{p}: is a directory, not an image")
+    return decode_image(p, str(p))
+
+
+def decode_image(source: str | Path | BinaryIO, name: str):
+    """Fully decode an image from a file or a binary stream (an upload) as RGB, or raise a
+    one-line Lav2Error naming it `name`."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
-        im = Image.open(p)
+        im = Image.open(source)
         im.load()
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise Lav2Error(f"{p}: not a readable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'decode failed'})") from e
+    except UnidentifiedImageError as e:  # its message names the stream object, not the data
+        raise Lav2Error(f"{name}: not a readable image (not in an image format PIL knows)") from e
+    except (Image.DecompressionBombError, OSError, ValueError) as e:
+        raise Lav2Error(f"{name}: not a readable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'decode failed'})") from e
     return im.convert("RGB")
