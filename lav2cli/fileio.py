@@ -291,7 +291,7 @@ def sweep(folder: str | Path, log: Log | None = None) -> None:
     asks for any more are never written again, so their debris would stay)."""
     folder = Path(folder)
     names = set()
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(OSError):  # no folder (yet), or one that cannot be: nothing to sweep
         for entry in os.scandir(folder):
             m = _LEFTOVER.match(entry.name) or _MARKER.match(entry.name)
             if m:

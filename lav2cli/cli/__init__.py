@@ -58,7 +58,7 @@ COMMANDS: dict[str, Command] = {
     "plot": Command("lav2cli.cli.plot", "Draw the loss (per stream, smoothed) and learning rate of training runs, "
                                         "to compare them."),
     "bench": Command("lav2cli.cli.bench", "Throughput on random weights of a named shape (tiny, smollm2-135m, "
-                                          "llama-7b, llama-13b)."),
+                                          "llama-7b, llama-13b), and what a quantised base costs a real model."),
 }
 
 

@@ -28,8 +28,10 @@ def merge(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
 ) -> None:
     """Fold an adapter's bias, scale, LoRA and norms into plain LLaMA weights; prompts, gates and
-    the visual branch stay a small sidecar artifact in the same directory. An adapter trained on
-    a quantised base is folded into that base dequantised; the weights written are float.
+    the visual branch stay a small sidecar artifact in the same directory.
+
+    An adapter trained on a quantised base is folded into that base dequantised; the weights
+    written are float.
 
     Examples:
 
