@@ -7,7 +7,7 @@ import typer
 from lav2cli import ask as asking
 from lav2cli.answer import Pipeline, marked_self_caption
 from lav2cli.cli.common import (EXPERTS_HELP, CaptionModel, CaptionThreshold, Experts, OcrEngineOption,
-                                SelfCaption, load_engine, log_to_stderr)
+                                RepetitionPenalty, SelfCaption, load_engine, log_to_stderr)
 from lav2cli.experts import ExpertOptions, OcrEngine
 from lav2cli.inference.generate import Sampling
 from lav2cli.registry import DEFAULT_MODEL
@@ -26,6 +26,7 @@ def ask(
     temperature: float = typer.Option(0.1, min=0.0, help="Sampling temperature; 0 = greedy."),
     top_p: float = typer.Option(0.75, min=0.0, max=1.0, help="Nucleus sampling mass."),
     seed: int | None = typer.Option(None, help="Random seed for sampling (reproducible answers)."),
+    repetition_penalty: RepetitionPenalty = 1.0,
     as_json: bool = typer.Option(False, "--json", help="One JSON object per answer (with timings) instead of streamed text."),
     show_prompt: bool = typer.Option(False, help="Print the full prompt (template applied) on stderr."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
@@ -40,21 +41,23 @@ def ask(
 
       lav2 ask none "What is the capital of France?" --temperature 0
 
-      lav2 ask photo.jpg "Describe this image." --model runs/joint
+      lav2 ask photo.jpg "Describe this image."
 
       lav2 ask sign.png "What does the sign say?" --expert ocr --expert caption --show-prompt
 
-      ls images/*.png | lav2 ask - "What shape is in the image?" --json
+      ls data/easyvqa/images/test/*.png | head -3 | lav2 ask - "What shape is it?" --json
     """
     named = ExpertOptions.make(expert, caption_model=caption_model, caption_threshold=caption_threshold,
                                ocr_engine=ocr_engine, device=device, dtype=dtype)
     asking.check_image_arg(image, named)
-    pipeline = Pipeline.make(named, marked=marked_self_caption(model), self_caption=self_caption)
+    log = log_to_stderr()
+    pipeline = Pipeline.make(named, marked=marked_self_caption(model), self_caption=self_caption, log=log)
     pipeline.load()  # an expert that cannot run fails before the model loads
     engine = load_engine(model, base=base, clip=clip, device=device, dtype=dtype, inference=True)
     engine.compile_decode = compile
     pipeline.bind(engine)
-    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                        repetition_penalty=repetition_penalty)
     status = asking.run(engine, pipeline, image, prompt, sampling, as_json=as_json, show_prompt=show_prompt,
-                        model_name=model, log=log_to_stderr())
+                        model_name=model, log=log)
     raise typer.Exit(status)

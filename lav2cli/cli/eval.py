@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from lav2cli.cli.common import (EXPERTS_HELP, CaptionModel, CaptionThreshold, Experts, OcrEngineOption,
-                                SelfCaption)
+                                RepetitionPenalty, SelfCaption)
 from lav2cli.evaluate import EvalOptions, run
 from lav2cli.experts import OcrEngine
 from lav2cli.registry import DEFAULT_MODEL
@@ -41,6 +41,7 @@ def eval_vqa(
     data: _EData, model: _EModel = None, base: _EBase = None, clip: _EClip = None, out: _EOut = None,
     batch_size: _EBatch = 8, limit: _ELimit = None, as_json: _EJson = False, max_new_tokens: _EMaxNew = None,
     device: _EDevice = "auto", dtype: _EDtype = "auto", compile: _ECompile = False, predictions: _EPred = None,
+    repetition_penalty: RepetitionPenalty = 1.0,
     short_answer: Annotated[bool, typer.Option("--short-answer/--no-short-answer", help='Ask for "a single word or phrase" in the template.')] = True,
     suffix: Annotated[str, typer.Option("--suffix", help="Text appended to every question, e.g. 'Answer with one word.'")] = "",
     expert: Experts = [], caption_model: CaptionModel = None, caption_threshold: CaptionThreshold = 0.2,
@@ -60,7 +61,7 @@ def eval_vqa(
                     limit=limit, as_json=as_json, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
                     compile=compile, predictions=predictions, short_answer=short_answer, suffix=suffix,
                     expert=expert, caption_model=caption_model, caption_threshold=caption_threshold,
-                    ocr_engine=ocr_engine, self_caption=self_caption))
+                    ocr_engine=ocr_engine, self_caption=self_caption, repetition_penalty=repetition_penalty))
 
 
 @app.command("caption")
@@ -68,6 +69,7 @@ def eval_caption(
     data: _EData, model: _EModel = None, base: _EBase = None, clip: _EClip = None, out: _EOut = None,
     batch_size: _EBatch = 8, limit: _ELimit = None, as_json: _EJson = False, max_new_tokens: _EMaxNew = None,
     device: _EDevice = "auto", dtype: _EDtype = "auto", compile: _ECompile = False, predictions: _EPred = None,
+    repetition_penalty: RepetitionPenalty = 1.0,
 ) -> None:
     """BLEU-1..4 and CIDEr-D over all reference captions of each image (COCO caption evaluation).
 
@@ -79,7 +81,7 @@ def eval_caption(
     """
     run(EvalOptions(task="caption", data=data, model=model, base=base, clip=clip, out=out, batch_size=batch_size,
                     limit=limit, as_json=as_json, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
-                    compile=compile, predictions=predictions))
+                    compile=compile, predictions=predictions, repetition_penalty=repetition_penalty))
 
 
 @app.command("mme", epilog=EXPERTS_HELP)
@@ -87,6 +89,7 @@ def eval_mme(
     data: _EData, model: _EModel = None, base: _EBase = None, clip: _EClip = None, out: _EOut = None,
     batch_size: _EBatch = 8, limit: _ELimit = None, as_json: _EJson = False, max_new_tokens: _EMaxNew = None,
     device: _EDevice = "auto", dtype: _EDtype = "auto", compile: _ECompile = False, predictions: _EPred = None,
+    repetition_penalty: RepetitionPenalty = 1.0,
     expert: Experts = [], caption_model: CaptionModel = None, caption_threshold: CaptionThreshold = 0.2,
     ocr_engine: OcrEngineOption = OcrEngine.rapidocr, self_caption: SelfCaption = True,
 ) -> None:
@@ -103,7 +106,8 @@ def eval_mme(
     run(EvalOptions(task="mme", data=data, model=model, base=base, clip=clip, out=out, batch_size=batch_size,
                     limit=limit, as_json=as_json, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
                     compile=compile, predictions=predictions, expert=expert, caption_model=caption_model,
-                    caption_threshold=caption_threshold, ocr_engine=ocr_engine, self_caption=self_caption))
+                    caption_threshold=caption_threshold, ocr_engine=ocr_engine, self_caption=self_caption,
+                    repetition_penalty=repetition_penalty))
 
 
 @app.command("text")
@@ -111,6 +115,7 @@ def eval_text(
     data: _EData, model: _EModel = None, base: _EBase = None, clip: _EClip = None, out: _EOut = None,
     batch_size: _EBatch = 8, limit: _ELimit = None, as_json: _EJson = False, max_new_tokens: _EMaxNew = None,
     device: _EDevice = "auto", dtype: _EDtype = "auto", compile: _ECompile = False,
+    repetition_penalty: RepetitionPenalty = 1.0,
     exact_match: Annotated[Optional[bool], typer.Option("--exact-match/--no-exact-match", help="Also generate and report exact match (default: when every reference is at most 3 words).")] = None,
 ) -> None:
     """Mean loss and perplexity over response tokens (and exact match for short answers).
@@ -123,4 +128,4 @@ def eval_text(
     """
     run(EvalOptions(task="text", data=data, model=model, base=base, clip=clip, out=out, batch_size=batch_size,
                     limit=limit, as_json=as_json, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
-                    compile=compile, exact_match=exact_match))
+                    compile=compile, exact_match=exact_match, repetition_penalty=repetition_penalty))

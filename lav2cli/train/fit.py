@@ -26,7 +26,7 @@ from lav2cli.templates import IGNORE_INDEX
 from lav2cli.train import checkpoint
 from lav2cli.train.distributed import all_reduce_sum, clip_grad_norm, init_distributed, leave, sum_grads
 from lav2cli.train.features import (feature_norm_state, image_reader, raw_clip_proj, restore_feature_norm,
-                                    standardizes, start_standardized)
+                                    standardizes, start_standardized, training_feature_stats)
 from lav2cli.train.groups import IMAGE_TEXT, INSTRUCTION, make_groups, make_optimizer
 from lav2cli.train.setup import (image_paths, load_engine, make_schedule, make_streams, prepare_model, seed_all,
                                  select_trainable)
@@ -73,6 +73,10 @@ class Trainer:
         elif self.standardize:
             start_standardized(self.model, self.image_fn, self.image_paths, self.device, t.seed,
                                clip_proj_trained="clip_proj.weight" in self.initial, log=log)
+        # saved with the artifact: how ask and eval tell images unlike the training images
+        self.feature_stats = (training_feature_stats(self.model, self.image_fn, self.image_paths, self.device,
+                                                     t.seed).to_tensors()
+                              if self.image_fn is not None and self.dist.main else None)
 
     def print_groups(self) -> list[tuple[str, int]]:
         """(group, number of trainable values) for each group of the stage."""
@@ -193,7 +197,7 @@ class Trainer:
                     "groups": dict(self.print_groups())}
         if self.previous_stage:
             training["previous"] = self.previous_stage
-        checkpoint.write(self.out, self.engine, tensors, state, training, self.recipe)
+        checkpoint.write(self.out, self.engine, tensors, state, training, self.recipe, self.feature_stats)
         self.last_saved = self.step
 
     def _restore(self) -> None:
