@@ -78,12 +78,13 @@ class FeatureStats:
         x = pooled.double()
         mean = x.mean(0)
         centred = x - mean
-        k = max(0, min(components, x.shape[0] - 1, x.shape[1] - 1))
+        # at most half as many directions as images: N - 1 directions would hold every image of
+        # the sample exactly, leaving no distance to measure the others in
+        k = max(0, min(components, (x.shape[0] - 1) // 2, x.shape[1] - 1))
         basis = torch.linalg.svd(centred, full_matrices=False).Vh[:k]
         resid = centred - centred @ basis.T @ basis
         spread = float(centred.square().sum(1).mean().sqrt())
-        # a sample as few as the directions kept lies in its own subspace: keep the unit finite
-        scale = max(float(resid.square().sum(1).mean().sqrt()), 1e-6 * spread, 1e-12)
+        scale = max(float(resid.square().sum(1).mean().sqrt()), 1e-6 * spread, 1e-12)  # one image: no spread
         return cls(mean.float(), basis.float(), scale)
 
     def distance(self, tokens: torch.Tensor) -> torch.Tensor:

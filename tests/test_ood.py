@@ -151,11 +151,41 @@ def test_statistics_put_their_own_images_at_distance_one():
 
 def test_training_statistics_reach_the_artifact(captioner, images):
     tensors = artifact.read_feature_stats(captioner)
-    assert tensors["mean"].shape == (1280,) and tensors["basis"].shape == (1, 1280)  # two images: one direction
+    assert tensors["mean"].shape == (1280,) and tensors["basis"].shape == (0, 1280)  # two images: no direction kept
     eng = engine.load(str(captioner), device="cpu", inference=True)
     found = DomainCheck.of(eng).check_files(A.encoder_tokens(eng), [str(images["square"]), str(images["square2"]),
                                                                        str(images["sign"])], Image.open)
     assert [d.unfamiliar for d in found] == [False, False, True]
+
+
+def test_training_stores_where_its_images_lie_and_a_later_stage_keeps_it(tmp_path, base_dir, images):
+    from lav2cli.recipe import load_recipe
+    from lav2cli.train import Trainer
+
+    rows = []
+    for i, colour in enumerate(("red", "green", "blue", "yellow", "black", "teal")):
+        im = Image.new("RGB", (64 + 8 * i, 64), "white")
+        ImageDraw.Draw(im).rectangle((10 + i, 12, 50, 48 + i), fill=colour)
+        im.save(tmp_path / f"{colour}.png")
+        rows.append({"id": f"c{i}", "image": f"{colour}.png", "instruction": "Generate caption of this image",
+                     "input": "", "output": f"a {colour} rectangle", "kind": "caption", "source": "test"})
+    (tmp_path / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sets = {"model.ref": f'"{base_dir}"', "data.image_text": f'"{tmp_path / "captions.jsonl"}"',
+            "data.instruction": f'"{tmp_path / "captions.jsonl"}"', "train.stage": '"pretrain"',
+            "adapter.prompt_layers": "2", "adapter.visual_width": "32", "adapter.visual_depth": "1",
+            "adapter.visual_heads": "4", "train.max_steps": "1", "train.batch_size": "2", "train.warmup_steps": "0",
+            "train.checkpoint_every": "0", "data.max_tokens": "192"}
+    recipe = load_recipe(ROOT / "recipes/tiny.toml", [f"{k}={v}" for k, v in sets.items()])
+    (tmp_path / "run").mkdir()
+    Trainer(recipe, tmp_path / "run", resume=False, log=lambda m: None, show_progress=False).run()
+    tensors = artifact.read_feature_stats(tmp_path / "run")
+    assert tensors is not None and tensors["basis"].shape == (2, 1280)  # six images: two directions kept
+    eng = engine.load(str(tmp_path / "run"), device="cpu", inference=True)
+    found = DomainCheck.of(eng).check_files(A.encoder_tokens(eng), [str(tmp_path / f"{r['image']}") for r in rows]
+                                            + [str(images["sign"])], Image.open)
+    assert [d.unfamiliar for d in found] == [False] * 6 + [True]
+    engine.load(str(tmp_path / "run"), device="cpu").save_adapter(tmp_path / "again")  # keeps what it loaded
+    assert all(torch.equal(t, artifact.read_feature_stats(tmp_path / "again")[k]) for k, t in tensors.items())
 
 
 def test_an_unfamiliar_image_gets_the_caption_and_ocr_experts_a_familiar_one_its_own_caption(
