@@ -49,6 +49,7 @@ class EngineConfig:
     files: list[Path] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)  # lav2.json of an artifact
     quantize: str | None = None  # the base linears' quantisation as loaded ("int8", "int4:64"), None: float
+    feature_stats: dict[str, torch.Tensor] | None = None  # an artifact's training image statistics
 
 
 DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
@@ -216,11 +217,14 @@ class Engine:
 
     def save_adapter(self, out_dir: str | Path, training: dict[str, Any] | None = None,
                      tensors: dict[str, torch.Tensor] | None = None,
-                     extra_files: dict[str, bytes] | None = None, self_caption: bool | None = None) -> Path:
+                     extra_files: dict[str, bytes] | None = None, self_caption: bool | None = None,
+                     feature_stats: dict[str, torch.Tensor] | None = None) -> Path:
         """Write the adapter as a lav2 artifact (atomic): its tensors (default: all adapter
         tensors; saved under the released names) and everything needed to rebuild the model
         around them. `self_caption` (default: as loaded) records that the model was trained to
-        caption an image first and answer with its caption as context; `ask` and `eval` then do so."""
+        caption an image first and answer with its caption as context; `ask` and `eval` then do so.
+        `feature_stats` (default: as loaded) are the training images' encoder statistics that
+        `lav2cli.answer` tells unfamiliar images by (artifact.FEATURE_STATS)."""
         c = self.config
         if c.adapter is None:
             raise Lav2Error(f"{c.ref}: a base model has no adapter to save")
@@ -229,6 +233,9 @@ class Engine:
             preprocess=c.preprocess, template=c.template, training=training or c.meta.get("training"),
             self_caption=bool(c.meta.get("self_caption")) if self_caption is None else self_caption)
         tensors = self.model.to_released(tensors) if tensors is not None else self.model.adapter_state_dict()
+        stats = feature_stats or c.feature_stats
+        if stats:
+            extra_files = {**(extra_files or {}), artifact.FEATURE_STATS: artifact.feature_stats_file(stats)}
         return artifact.save(out_dir, tensors, meta, extra_files=extra_files)
 
     def generate(self, prompts: list[list[int]], images: torch.Tensor | None = None,
@@ -295,7 +302,7 @@ def load(ref: str, *, base: str | None = None, clip: str | None = None,
     cfg = EngineConfig(ref=str(ref), kind=kind, llama=model.config, adapter=model.adapter, template=template,
                        base_ref=base_ref, base_format=bw.format, encoder=enc_spec if encoder else None,
                        preprocess=preprocess if encoder else None, files=files, meta=r.meta,
-                       quantize=str(spec) if spec else None)
+                       quantize=str(spec) if spec else None, feature_stats=r.feature_stats)
     transform = preprocess.transform() if (preprocess is not None and encoder is not None) else None
     if inference:
         prepare_for_inference(model)

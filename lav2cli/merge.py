@@ -202,6 +202,8 @@ def merge(ref: str, out: str | Path, *, format: str = "lav2", dtype: str = "auto
                 merged={"from": str(ref), "format": format, "dtype": result.dtype, "folded": fold_kinds,
                         "kept": kept, "adapter": c.adapter.to_dict(), "base_quantize": base_quantize})
             (tmp / artifact.META).write_text(json.dumps(meta, indent=2) + "\n")
+            if c.feature_stats:  # the unfamiliar-image check keeps working on the merged model
+                (tmp / artifact.FEATURE_STATS).write_bytes(artifact.feature_stats_file(c.feature_stats))
         if verify:
             log("verifying: loading the merged directory back ...")
             merged = engine.load(str(tmp), device=device, dtype="float32")

@@ -189,9 +189,9 @@ app = typer.Typer(
     help="LLaMA-Adapter V2 from the shell: prepare data, train adapters, merge, evaluate, ask.\n\n"
          "Examples:\n\n"
          "  lav2 ask none \"What is the capital of France?\" --temperature 0\n\n"
-         "  lav2 prepare easyvqa --kind vqa --out data/easyvqa/vqa.jsonl\n\n"
-         "  lav2 train --recipe recipes/tiny.toml --out runs/tiny\n\n"
-         "  lav2 ask photo.png \"What shape is this?\" --model runs/tiny",
+         "  lav2 ask photo.jpg \"What is in the picture?\"\n\n"
+         "  lav2 prepare easyvqa --kind vqa --split test --out data/easyvqa/test.jsonl\n\n"
+         "  lav2 ask data/easyvqa/images/test/0.png \"What shape is in the image?\"",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode=None,  # plain_help says why

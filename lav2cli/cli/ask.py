@@ -7,7 +7,8 @@ import typer
 from lav2cli import ask as asking
 from lav2cli.answer import Pipeline, marked_self_caption
 from lav2cli.cli.common import (DTYPES_HELP, EXPERTS_HELP, CaptionModel, CaptionThreshold, Experts,
-                                OcrEngineOption, Quantize, SelfCaption, load_engine, log_to_stderr)
+                                OcrEngineOption, Quantize, RepetitionPenalty, SelfCaption, load_engine,
+                                log_to_stderr)
 from lav2cli.engine import DEVICE_HELP
 from lav2cli.experts import ExpertOptions, OcrEngine
 from lav2cli.inference.generate import Sampling
@@ -28,6 +29,7 @@ def ask(
     temperature: float = typer.Option(0.1, min=0.0, help="Sampling temperature; 0 = greedy."),
     top_p: float = typer.Option(0.75, min=0.0, max=1.0, help="Nucleus sampling mass."),
     seed: int | None = typer.Option(None, help="Random seed for sampling (reproducible answers)."),
+    repetition_penalty: RepetitionPenalty = 1.0,
     as_json: bool = typer.Option(False, "--json", help="One JSON object per answer (with timings) instead of streamed text."),
     show_prompt: bool = typer.Option(False, help="Print the full prompt (template applied) on stderr."),
     device: str = typer.Option("auto", help=f"{DEVICE_HELP}."),
@@ -43,11 +45,11 @@ def ask(
 
       lav2 ask none "What is the capital of France?" --temperature 0
 
-      lav2 ask photo.jpg "Describe this image." --model runs/joint
+      lav2 ask photo.jpg "Describe this image."
 
       lav2 ask sign.png "What does the sign say?" --expert ocr --expert caption --show-prompt
 
-      ls images/*.png | lav2 ask - "What shape is in the image?" --json
+      ls data/easyvqa/images/test/*.png | head -3 | lav2 ask - "What shape is it?" --json
 
       lav2 ask none "What is the capital of France?" --quantize int8
     """
@@ -55,12 +57,14 @@ def ask(
                                ocr_engine=ocr_engine, device=device, dtype=dtype)
     asking.check_image_arg(image, named)
     parse_quantize(quantize)  # a bad value fails before anything loads
-    pipeline = Pipeline.make(named, marked=marked_self_caption(model), self_caption=self_caption)
+    log = log_to_stderr()
+    pipeline = Pipeline.make(named, marked=marked_self_caption(model), self_caption=self_caption, log=log)
     pipeline.load()  # an expert that cannot run fails before the model loads
     engine = load_engine(model, base=base, clip=clip, device=device, dtype=dtype, inference=True, quantize=quantize)
     engine.compile_decode = compile
     pipeline.bind(engine)
-    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                        repetition_penalty=repetition_penalty)
     status = asking.run(engine, pipeline, image, prompt, sampling, as_json=as_json, show_prompt=show_prompt,
-                        model_name=model, log=log_to_stderr())
+                        model_name=model, log=log)
     raise typer.Exit(status)

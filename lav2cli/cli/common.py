@@ -59,5 +59,8 @@ SelfCaption = Annotated[bool, typer.Option(
                                              "without the image: its own caption, or the named caption expert's "
                                              "with --expert caption. --no-self-caption asks it directly, with the "
                                              "image.")]
+RepetitionPenalty = Annotated[float, typer.Option(
+    "--repetition-penalty", min=0.0, help="Make tokens the answer already generated less likely (CTRL-style: "
+                                          "1.0 is off, 1.1-1.3 stops most loops).")]
 OcrEngineOption = Annotated[OcrEngine, typer.Option(
     "--ocr-engine", help="OCR expert: rapidocr (pip install 'lav2cli[experts]') or tesseract (the program).")]

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from lav2cli.cli.common import (DTYPES_HELP, EXPERTS_HELP, CaptionModel, CaptionThreshold, Experts,
-                                OcrEngineOption, Quantize, SelfCaption)
+                                OcrEngineOption, Quantize, RepetitionPenalty, SelfCaption)
 from lav2cli.engine import DEVICE_HELP
 from lav2cli.evaluate import EvalOptions, run
 from lav2cli.experts import OcrEngine
@@ -44,7 +44,7 @@ def eval_vqa(
     data: _EData, model: _EModel = None, base: _EBase = None, clip: _EClip = None, out: _EOut = None,
     batch_size: _EBatch = 8, limit: _ELimit = None, as_json: _EJson = False, max_new_tokens: _EMaxNew = None,
     device: _EDevice = "auto", dtype: _EDtype = "auto", compile: _ECompile = False, predictions: _EPred = None,
-    quantize: Quantize = "none",
+    quantize: Quantize = "none", repetition_penalty: RepetitionPenalty = 1.0,
     short_answer: Annotated[bool, typer.Option("--short-answer/--no-short-answer", help='Ask for "a single word or phrase" in the template.')] = True,
     suffix: Annotated[str, typer.Option("--suffix", help="Text appended to every question, e.g. 'Answer with one word.'")] = "",
     expert: Experts = [], caption_model: CaptionModel = None, caption_threshold: CaptionThreshold = 0.2,
@@ -66,7 +66,8 @@ def eval_vqa(
                     limit=limit, as_json=as_json, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
                     compile=compile, quantize=quantize, predictions=predictions, short_answer=short_answer, suffix=suffix,
                     expert=expert, caption_model=caption_model, caption_threshold=caption_threshold,
-                    ocr_engine=ocr_engine, self_caption=self_caption, images_root=images_root))
+                    ocr_engine=ocr_engine, self_caption=self_caption, images_root=images_root,
+                    repetition_penalty=repetition_penalty))
 
 
 @app.command("caption")
@@ -75,7 +76,7 @@ def eval_caption(
     batch_size: _EBatch = 8, limit: _ELimit = None, as_json: _EJson = False, max_new_tokens: _EMaxNew = None,
     device: _EDevice = "auto", dtype: _EDtype = "auto", compile: _ECompile = False, predictions: _EPred = None,
     images_root: _ERoot = None,
-    quantize: Quantize = "none",
+    quantize: Quantize = "none", repetition_penalty: RepetitionPenalty = 1.0,
 ) -> None:
     """BLEU-1..4 and CIDEr-D over all reference captions of each image (COCO caption evaluation).
 
@@ -87,7 +88,8 @@ def eval_caption(
     """
     run(EvalOptions(task="caption", data=data, model=model, base=base, clip=clip, out=out, batch_size=batch_size,
                     limit=limit, as_json=as_json, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
-                    compile=compile, quantize=quantize, predictions=predictions, images_root=images_root))
+                    compile=compile, quantize=quantize, predictions=predictions, images_root=images_root,
+                    repetition_penalty=repetition_penalty))
 
 
 @app.command("mme", epilog=EXPERTS_HELP)
@@ -95,7 +97,7 @@ def eval_mme(
     data: _EData, model: _EModel = None, base: _EBase = None, clip: _EClip = None, out: _EOut = None,
     batch_size: _EBatch = 8, limit: _ELimit = None, as_json: _EJson = False, max_new_tokens: _EMaxNew = None,
     device: _EDevice = "auto", dtype: _EDtype = "auto", compile: _ECompile = False, predictions: _EPred = None,
-    quantize: Quantize = "none",
+    quantize: Quantize = "none", repetition_penalty: RepetitionPenalty = 1.0,
     expert: Experts = [], caption_model: CaptionModel = None, caption_threshold: CaptionThreshold = 0.2,
     ocr_engine: OcrEngineOption = OcrEngine.rapidocr, self_caption: SelfCaption = True, images_root: _ERoot = None,
 ) -> None:
@@ -113,7 +115,7 @@ def eval_mme(
                     limit=limit, as_json=as_json, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
                     compile=compile, quantize=quantize, predictions=predictions, expert=expert, caption_model=caption_model,
                     caption_threshold=caption_threshold, ocr_engine=ocr_engine, self_caption=self_caption,
-                    images_root=images_root))
+                    images_root=images_root, repetition_penalty=repetition_penalty))
 
 
 @app.command("text")
@@ -121,7 +123,7 @@ def eval_text(
     data: _EData, model: _EModel = None, base: _EBase = None, clip: _EClip = None, out: _EOutText = ...,
     batch_size: _EBatch = 8, limit: _ELimit = None, as_json: _EJson = False, max_new_tokens: _EMaxNew = None,
     device: _EDevice = "auto", dtype: _EDtype = "auto", compile: _ECompile = False,
-    quantize: Quantize = "none",
+    quantize: Quantize = "none", repetition_penalty: RepetitionPenalty = 1.0,
     exact_match: Annotated[Optional[bool], typer.Option("--exact-match/--no-exact-match", help="Also generate and report exact match (default: when every reference is at most 3 words).")] = None,
     images_root: _ERoot = None,
 ) -> None:
@@ -135,4 +137,5 @@ def eval_text(
     """
     run(EvalOptions(task="text", data=data, model=model, base=base, clip=clip, out=out, batch_size=batch_size,
                     limit=limit, as_json=as_json, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
-                    compile=compile, quantize=quantize, exact_match=exact_match, images_root=images_root))
+                    compile=compile, quantize=quantize, exact_match=exact_match, images_root=images_root,
+                    repetition_penalty=repetition_penalty))

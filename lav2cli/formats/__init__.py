@@ -44,6 +44,7 @@ class Resolved:
     channel_order: str = "rgb"  # of a preprocessing taken from the encoder (official checkpoints: bgr)
     meta: dict[str, Any] = field(default_factory=dict)  # lav2.json of an artifact
     files: list[Path] = field(default_factory=list)  # base files, then adapter files
+    feature_stats: dict[str, torch.Tensor] | None = None  # an artifact's artifact.FEATURE_STATS
 
 
 def _locate(ref: str) -> tuple[Path, bool]:
@@ -120,7 +121,8 @@ def _open_artifact(path: Path, base: str | None, encoder: dict[str, Any] | None)
     return Resolved(kind="artifact", path=path, base=bw, base_ref=base_ref, template=meta.get("template") or bw.template,
                     adapter=adapter, adapter_tensors=tensors, adapter_file=path / artifact.WEIGHTS,
                     encoder=encoder or meta.get("encoder"), preprocess=preprocess, meta=meta,
-                    files=[*bw.files, path / artifact.META, path / artifact.WEIGHTS])
+                    files=[*bw.files, path / artifact.META, path / artifact.WEIGHTS],
+                    feature_stats=artifact.read_feature_stats(path))
 
 
 def _open_official(path: Path, base: str | None, encoder: dict[str, Any] | None) -> Resolved:

@@ -23,6 +23,9 @@ FORMAT = "lav2-adapter"
 FORMAT_VERSION = 1
 WEIGHTS = "adapter.safetensors"
 META = "lav2.json"
+# where the training images lie in the encoder's feature space (lav2cli.answer.FeatureStats),
+# written by training; optional
+FEATURE_STATS = "feature_stats.safetensors"
 
 
 def _count(low: int = 1, **kw: Any) -> Field:
@@ -163,3 +166,16 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         if extra:
             raise Lav2Error(f"{f}: tensor {extra[0]} is not listed in lav2.json")
     return tensors
+
+
+def read_feature_stats(path: str | Path) -> dict[str, torch.Tensor] | None:
+    """The artifact's FEATURE_STATS tensors, or None when it has none."""
+    f = Path(path) / FEATURE_STATS
+    return read_safetensors(f) if f.is_file() else None
+
+
+def feature_stats_file(tensors: dict[str, torch.Tensor]) -> bytes:
+    """FEATURE_STATS's contents for `tensors` (for `save(extra_files=...)`)."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()})

@@ -1,6 +1,6 @@
 """Generation: a static KV cache, left-padded batched prefill (a prefix all text-only rows share
-computed once), prompt K/V computed once per request, greedy or temperature/top-p sampling, and
-an optionally compiled decode step."""
+computed once), prompt K/V computed once per request, greedy or temperature/top-p sampling,
+penalties on tokens already generated, and an optionally compiled decode step."""
 
 from __future__ import annotations
 
@@ -9,15 +9,53 @@ from typing import Callable, Sequence
 
 import torch
 
+from lav2cli.errors import Lav2Error
 from lav2cli.model.adapter import LlamaAdapterV2
 
 
 @dataclass
 class Sampling:
+    """How the next token is chosen. The penalties look at the tokens this answer has generated
+    so far (not the prompt, so that an answer may still quote its context):
+
+    - repetition_penalty (CTRL-style, 1.0 = off): a seen token's logit is divided by it when
+      positive and multiplied by it when negative, so > 1 makes every seen token less likely;
+    - frequency_penalty (OpenAI-style, 0.0 = off): subtracted from a token's logit once per
+      time the token was generated;
+    - presence_penalty (OpenAI-style, 0.0 = off): subtracted once from every generated token.
+    """
+
     max_new_tokens: int = 256
     temperature: float = 0.1  # 0 = greedy
     top_p: float = 0.75
     seed: int | None = None
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.repetition_penalty > 0:
+            raise Lav2Error(f"repetition penalty {self.repetition_penalty}: expected a positive number (1.0 is off)")
+
+    @property
+    def penalizes(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """Logits [B, V] with `sampling`'s penalties for the tokens generated so far (`counts` [B, V]:
+    how often each row generated each token). Neutral penalties return `logits` itself."""
+    if not sampling.penalizes:
+        return logits
+    seen = counts > 0
+    r = sampling.repetition_penalty
+    if r != 1.0:
+        logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
+    if sampling.frequency_penalty != 0.0:
+        logits = logits - sampling.frequency_penalty * counts
+    if sampling.presence_penalty != 0.0:
+        logits = logits - sampling.presence_penalty * seen.to(logits.dtype)
+    return logits
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -170,8 +208,14 @@ def generate(
         read_every = 1 if on_token is not None else READ_AHEAD.get(device.type, 1)
         unread: list[torch.Tensor] = []
         pos = torch.full((1,), t0, device=device)
+        # how often each row generated each token, for the penalties (kept on the device)
+        counts = torch.zeros(logits.shape, dtype=torch.float32, device=device) if sampling.penalizes else None
         for i in range(sampling.max_new_tokens):
+            if counts is not None:
+                logits = apply_penalties(logits, counts, sampling)
             nxt = sample_next(logits, sampling.temperature, sampling.top_p, generator)
+            if counts is not None:
+                counts.scatter_add_(1, nxt[:, None], torch.ones_like(nxt[:, None], dtype=counts.dtype))
             unread.append(nxt)
             last = i == sampling.max_new_tokens - 1
             if len(unread) == read_every or last:

@@ -103,14 +103,15 @@ def trainer_state(step: int, optimizer: torch.optim.Optimizer, scheduler, stream
 
 
 def write(out: Path, engine: Engine, tensors: dict[str, torch.Tensor], state: dict[str, Any],
-          training: dict[str, Any], recipe: Recipe) -> None:
-    """The artifact with its training record, the trainer state, the metrics so far and the
-    recipe: one atomic directory swap."""
+          training: dict[str, Any], recipe: Recipe, feature_stats: dict[str, torch.Tensor] | None = None) -> None:
+    """The artifact with its training record (and its training images' feature statistics), the
+    trainer state, the metrics so far and the recipe: one atomic directory swap."""
     buf = io.BytesIO()
     torch.save(state, buf)
     metrics = (out / METRICS_FILE).read_bytes() if (out / METRICS_FILE).exists() else b""
     # caption_context marks the artifact; otherwise the mark of the artifact continued stays
     engine.save_adapter(out, training=training, tensors=tensors, self_caption=recipe.data.caption_context or None,
+                        feature_stats=feature_stats,
                         extra_files={STATE_FILE: buf.getvalue(), METRICS_FILE: metrics,
                                      RECIPE_FILE: (RECIPE_HEADER + recipe.render_toml()).encode()})
 

@@ -1,6 +1,8 @@
 """Images for training: the frozen encoder's features, cached once on disk (data.feature_cache),
 and `train.standardize_features`, which gives clip_proj per-channel standardised features to
-train on and folds the standardisation back into a plain projection whenever it is saved."""
+train on and folds the standardisation back into a plain projection whenever it is saved; and
+where the training images lie in the encoder's feature space, which goes into the artifact for
+`lav2cli.answer` to tell images unlike them."""
 
 from __future__ import annotations
 
@@ -16,9 +18,12 @@ from typing import IO, Any, Callable
 
 import torch
 
-from lav2cli.engine import Engine
+from lav2cli.answer import FeatureStats
+from lav2cli.data.records import read_records
+from lav2cli.engine import Engine, load
 from lav2cli.errors import Lav2Error
 from lav2cli.fileio import atomic_file, cache_root, sweep
+from lav2cli.formats import artifact
 from lav2cli.model.adapter import LlamaAdapterV2
 from lav2cli.model.vision import load_image
 from lav2cli.recipe import TrainSection
@@ -155,8 +160,7 @@ def feature_stats(model: LlamaAdapterV2, image_fn: ImageFn, paths: list[str],
     images. Centring matters most: on easy-VQA every channel's mean (the white background) is
     several times its spread, and a projection of raw features spends its updates on that
     constant."""
-    paths = sorted(set(paths))
-    paths = random.Random(seed).sample(paths, min(FEATURE_STATS_IMAGES, len(paths)))
+    paths = stats_sample(paths, seed)
     total, squares, n = 0.0, 0.0, 0
     for i in range(0, len(paths), 64):
         x = torch.stack([image_fn(p) for p in paths[i:i + 64]]).to(device)
@@ -208,3 +212,40 @@ def restore_feature_norm(model: LlamaAdapterV2, state: dict[str, Any] | None, st
         model.feature_norm = (state["mean"], state["inv_std"])
         for n, p in model.clip_proj.named_parameters():
             p.copy_(state[n].to(p))
+
+
+# -- the training images' statistics in the artifact -------------------------------------------
+
+
+def stats_sample(paths: list[str], seed: int) -> list[str]:
+    """The fixed sample of training images that statistics are computed over."""
+    paths = sorted(set(paths))
+    return random.Random(seed).sample(paths, min(FEATURE_STATS_IMAGES, len(paths)))
+
+
+@torch.no_grad()
+def training_feature_stats(model: LlamaAdapterV2, image_fn: ImageFn, paths: list[str], device: torch.device,
+                           seed: int = 0) -> FeatureStats:
+    """Where the training images lie in the encoder's feature space (artifact.FEATURE_STATS,
+    which ask and eval tell unfamiliar images by), over the sample `feature_stats` takes."""
+    sample = stats_sample(paths, seed)
+    pooled = [model.encode_images(torch.stack([image_fn(p) for p in sample[i:i + 64]]).to(device)).float().mean(1).cpu()
+              for i in range(0, len(sample), 64)]
+    return FeatureStats.fit(torch.cat(pooled))
+
+
+def record_feature_stats(artifact_dir: str | Path, records: list[str | Path], device: str = "auto",
+                         seed: int = 0) -> FeatureStats:
+    """Write artifact.FEATURE_STATS into an artifact trained before training wrote it, from the
+    images of its training records `records`; returns the statistics."""
+    artifact_dir = Path(artifact_dir)
+    artifact.read_meta(artifact_dir)  # a lav2 artifact, or a one-line error before anything loads
+    engine = load(str(artifact_dir), device=device, dtype="float32", inference=True)
+    paths = [r.image for f in records for r in read_records(f) if r.image is not None]
+    if not engine.model.has_visual or engine.image_transform is None or not paths:
+        raise Lav2Error(f"{artifact_dir}: feature statistics need a visual branch and records with images")
+    transform = engine.image_transform
+    stats = training_feature_stats(engine.model, lambda p: transform(load_image(p)), paths, engine.device, seed)
+    with atomic_file(artifact_dir / artifact.FEATURE_STATS, "wb") as f:
+        f.write(artifact.feature_stats_file(stats.to_tensors()))
+    return stats

@@ -30,7 +30,7 @@ from lav2cli.train import checkpoint
 from lav2cli.train.board import Board
 from lav2cli.train.distributed import all_reduce_sum, clip_grad_norm, init_distributed, leave, sum_grads
 from lav2cli.train.features import (feature_norm_state, image_reader, raw_clip_proj, restore_feature_norm,
-                                    standardizes, start_standardized)
+                                    standardizes, start_standardized, training_feature_stats)
 from lav2cli.train.groups import IMAGE_TEXT, INSTRUCTION, make_groups, make_optimizer
 from lav2cli.train.setup import (image_paths, load_engine, make_schedule, make_streams, prepare_model, seed_all,
                                  select_trainable)
@@ -99,6 +99,10 @@ class Trainer:
                                clip_proj_trained="clip_proj.weight" in self.initial, log=log)
         if self.previous_stage and not resume and self.dist.main:  # the continued stages' logs travel on
             runlog.carry_history(classify(recipe.model.ref)[1], len(runlog.stages(self.previous_stage)), out)
+        # saved with the artifact: how ask and eval tell images unlike the training images
+        self.feature_stats = (training_feature_stats(self.model, self.image_fn, self.image_paths, self.device,
+                                                     t.seed).to_tensors()
+                              if self.image_fn is not None and self.dist.main and not self.already_complete else None)
 
     def print_groups(self) -> list[tuple[str, int]]:
         """(group, number of trainable values) for each group of the stage."""
@@ -237,7 +241,7 @@ class Trainer:
                     "quantize": self.engine.config.quantize or "none"}  # a record: the adapter loads on any base
         if self.previous_stage:
             training["previous"] = self.previous_stage
-        checkpoint.write(self.out, self.engine, tensors, state, training, saved)
+        checkpoint.write(self.out, self.engine, tensors, state, training, saved, self.feature_stats)
         self.last_saved = self.step
 
     def _restore(self) -> None:
