@@ -25,3 +25,17 @@ for extra in "" "--grad-ckpt" "--ckpt-blocks 8"; do
     # shellcheck disable=SC2086
     timeout 150 $B train --shape llama-7b --batch 8 --seq 512 --steps 4 --compile $extra --json 2>&1 | tail -1 | tee -a "$OUT/bench.jsonl"
 done
+for b in 8 32; do
+    timeout 150 $B decode --shape llama-7b --batch $b --new-tokens 100 --compile --json 2>&1 | tail -1 | tee -a "$OUT/bench.jsonl"
+done
+# the real commands at the 7B shape
+W=${WORK:-/tmp/lav2-7b}
+timeout 300 $PY benchmarks/random_7b.py "$W" | tee "$OUT/random-7b.log"
+timeout 600 $PY -m lav2cli train --recipe recipes/llama7b-joint.toml --out "$W/run" --force \
+    --set model.ref="$W/base" --set model.encoder=open_clip:ViT-L-14 --set data.image_text="$W/captions.jsonl" \
+    --set data.instruction="$W/instructions.jsonl" --set train.max_steps=60 --set train.log_every=5 \
+    --set train.checkpoint_every=0 2>&1 | tail -8 | tee "$OUT/train-7b.log"
+cp "$W/run/metrics.jsonl" "$OUT/train-7b-metrics.jsonl" 2>/dev/null
+$PY -c "import json,sys; t=json.load(open(sys.argv[1]))['training']; print(json.dumps({k: t.get(k) for k in ('tokens_per_s', 'warmup_s', 'compiles', 'peak_memory_mb', 'predicted_peak_mb', 'checkpointed_blocks', 'compiled_blocks', 'pad_multiple')}))" "$W/run/lav2.json" | tee -a "$OUT/bench.jsonl"
+timeout 600 $PY -m lav2cli eval vqa --data "$W/questions.jsonl" --model "$W/run" --out "$W/questions-pred.jsonl" \
+    --batch-size 32 --json 2>&1 | tail -2 | tee "$OUT/eval-7b.log"

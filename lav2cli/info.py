@@ -129,7 +129,15 @@ def _stage_rows(tr: dict[str, Any], continues: bool = False) -> list[tuple[str, 
             ("final loss", _final_loss(tr))]
     if "seconds" in tr:
         rows.append(("training time", f"{_number(tr['seconds'], ',.0f')} s on {tr.get('device')} "
-                                      f"x{tr.get('world_size', 1)}, {_number(tr.get('tokens_per_s'), ',.0f')} tokens/s"))
+                                      f"x{tr.get('world_size', 1)}, {_number(tr.get('tokens_per_s'), ',.0f')} tokens/s"
+                                      + (f" (steady; {_number(tr['warmup_s'], '.1f')} s warm-up)"
+                                         if tr.get("warmup_s") is not None else "")))
+        if tr.get("peak_memory_mb") is not None:
+            planned = (f", {_number(tr['predicted_peak_mb'] / 1024, '.1f')} GB predicted"
+                       if isinstance(tr.get("predicted_peak_mb"), (int, float)) else "")
+            rows.append(("memory", f"peak {_number(tr['peak_memory_mb'] / 1024, '.1f')} GB{planned}; "
+                                   f"{tr.get('checkpointed_blocks')} blocks checkpointed"
+                                   f"{', compiled blocks' if tr.get('compiled_blocks') else ''}"))
     for grp, n in (tr.get("data") or {}).items():
         rows.append((f"training data: {grp}", f"{n:,} examples per epoch"))
     for grp, n in (tr.get("groups") or {}).items():

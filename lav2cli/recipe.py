@@ -93,9 +93,13 @@ class TrainSection:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0  # 0 = off
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
-    grad_ckpt: str = "auto"  # auto (on for CUDA) | on | off
-    grad_ckpt_blocks: int = 0  # with grad_ckpt: checkpoint only the first N blocks (less recompute, more memory); 0 = all
-    compile: bool = False  # torch.compile each transformer block
+    # activation checkpointing. auto: on CUDA (or wherever memory_budget_gb is set) the fewest
+    # blocks whose activations fit the budget, elsewhere none | on: all (or grad_ckpt_blocks) | off
+    grad_ckpt: str = "auto"
+    grad_ckpt_blocks: int = 0  # > 0: exactly the first N blocks (less recompute, more memory), unless grad_ckpt is off
+    memory_budget_gb: float = 0.0  # grad_ckpt auto's budget; 0 = nine tenths of what the CUDA device has free
+    compile: str = "auto"  # torch.compile each transformer block: auto (on for CUDA) | on | off
+    pad_multiple: int = 0  # batch lengths padded up to a multiple of this; 0 = auto (64 with compiled blocks, else 1)
     checkpoint_every: int = 100  # steps; 0 = only at the end
     log_every: int = 10
     seed: int = 0
@@ -164,6 +168,10 @@ class Recipe:
         return "\n".join(lines)
 
 
+# auto | on | off settings that also take a TOML boolean
+ON_OFF_FIELDS = {("train", "grad_ckpt"), ("train", "compile")}
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -203,6 +211,8 @@ def _apply(recipe: Recipe, data: dict[str, Any], where: str) -> None:
         for key, value in sec_values.items():
             if key not in hints:
                 raise Lav2Error(f"{where}: unknown key {sec_name}.{key}")
+            if (sec_name, key) in ON_OFF_FIELDS and isinstance(value, bool):
+                value = "on" if value else "off"  # `compile = true` reads as it says (and older recipes load)
             setattr(section, key, _coerce(f"{where}: {sec_name}.{key}", value, hints[key]))
 
 
@@ -241,8 +251,13 @@ def validate(r: Recipe) -> None:
         raise Lav2Error(f"adapter.variant {a.variant!r}: expected paper or official")
     if t.precision not in ("auto", "bf16", "fp32"):
         raise Lav2Error(f"train.precision {t.precision!r}: expected auto, bf16 or fp32")
-    if t.grad_ckpt not in ("auto", "on", "off"):
-        raise Lav2Error(f"train.grad_ckpt {t.grad_ckpt!r}: expected auto, on or off")
+    for key in ("grad_ckpt", "compile"):
+        if getattr(t, key) not in ("auto", "on", "off"):
+            raise Lav2Error(f"train.{key} {getattr(t, key)!r}: expected auto, on or off")
+    if t.memory_budget_gb < 0:
+        raise Lav2Error(f"train.memory_budget_gb must be at least 0 (0 = from the device's free memory), got {t.memory_budget_gb}")
+    if t.pad_multiple < 0:
+        raise Lav2Error(f"train.pad_multiple must be at least 0 (0 = auto), got {t.pad_multiple}")
     if t.grad_ckpt_blocks < 0:
         raise Lav2Error(f"train.grad_ckpt_blocks must be at least 0 (0 = all blocks), got {t.grad_ckpt_blocks}")
     for name, v in (("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum), ("data.max_tokens", d.max_tokens)):

@@ -1,5 +1,6 @@
 """A training run's log, read back: `metrics.jsonl` (one JSON object per logged step: step,
-stream, loss, lr, grad_norm, tokens, supervised_tokens, tokens_per_s, memory_mb) and, in a run
+stream, loss, lr, grad_norm, tokens, supervised_tokens; tokens_per_s over the steady steps so far,
+warmup_s of the steps left out of it, compiles (graphs compiled so far), memory_mb: the peak) and, in a run
 that continued an earlier artifact, that artifact's logs as `metrics-stageN.jsonl`.
 
 The final loss of a stream is the mean loss per supervised token over the stream's last

@@ -35,7 +35,7 @@ _EJson = Annotated[bool, typer.Option("--json", help="Print the metrics as one J
 _EMaxNew = Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, help="Greedy decoding length (default: vqa 30, caption 64, mme 30, text 30).")]
 _EDevice = Annotated[str, typer.Option("--device", help=f"{DEVICE_HELP}.")]
 _EDtype = Annotated[str, typer.Option("--dtype", help=f"auto (bf16 on CUDA, fp32 on CPU), {DTYPES_HELP}.")]
-_ECompile = Annotated[bool, typer.Option("--compile", help="torch.compile the decode step (batches are padded to a power of two so that few graphs serve them; pays off on GPUs).")]
+_ECompile = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the decode step (batches are padded to a power of two so that few graphs serve them; pays off on GPUs). Default: on CUDA.", show_default=False)]
 _EPred = Annotated[Optional[Path], typer.Option("--predictions", help="Score this predictions file (JSON lines with id and prediction) instead of running a model.")]
 
 
@@ -43,7 +43,7 @@ _EPred = Annotated[Optional[Path], typer.Option("--predictions", help="Score thi
 def eval_vqa(
     data: _EData, model: _EModel = None, base: _EBase = None, clip: _EClip = None, out: _EOut = None,
     batch_size: _EBatch = 8, limit: _ELimit = None, as_json: _EJson = False, max_new_tokens: _EMaxNew = None,
-    device: _EDevice = "auto", dtype: _EDtype = "auto", compile: _ECompile = False, predictions: _EPred = None,
+    device: _EDevice = "auto", dtype: _EDtype = "auto", compile: _ECompile = None, predictions: _EPred = None,
     quantize: Quantize = "none", repetition_penalty: RepetitionPenalty = 1.0,
     short_answer: Annotated[bool, typer.Option("--short-answer/--no-short-answer", help='Ask for "a single word or phrase" in the template.')] = True,
     suffix: Annotated[str, typer.Option("--suffix", help="Text appended to every question, e.g. 'Answer with one word.'")] = "",
@@ -74,7 +74,7 @@ def eval_vqa(
 def eval_caption(
     data: _EData, model: _EModel = None, base: _EBase = None, clip: _EClip = None, out: _EOut = None,
     batch_size: _EBatch = 8, limit: _ELimit = None, as_json: _EJson = False, max_new_tokens: _EMaxNew = None,
-    device: _EDevice = "auto", dtype: _EDtype = "auto", compile: _ECompile = False, predictions: _EPred = None,
+    device: _EDevice = "auto", dtype: _EDtype = "auto", compile: _ECompile = None, predictions: _EPred = None,
     images_root: _ERoot = None,
     quantize: Quantize = "none", repetition_penalty: RepetitionPenalty = 1.0,
 ) -> None:
@@ -96,7 +96,7 @@ def eval_caption(
 def eval_mme(
     data: _EData, model: _EModel = None, base: _EBase = None, clip: _EClip = None, out: _EOut = None,
     batch_size: _EBatch = 8, limit: _ELimit = None, as_json: _EJson = False, max_new_tokens: _EMaxNew = None,
-    device: _EDevice = "auto", dtype: _EDtype = "auto", compile: _ECompile = False, predictions: _EPred = None,
+    device: _EDevice = "auto", dtype: _EDtype = "auto", compile: _ECompile = None, predictions: _EPred = None,
     quantize: Quantize = "none", repetition_penalty: RepetitionPenalty = 1.0,
     expert: Experts = [], caption_model: CaptionModel = None, caption_threshold: CaptionThreshold = 0.2,
     ocr_engine: OcrEngineOption = OcrEngine.rapidocr, self_caption: SelfCaption = True, images_root: _ERoot = None,
@@ -122,7 +122,7 @@ def eval_mme(
 def eval_text(
     data: _EData, model: _EModel = None, base: _EBase = None, clip: _EClip = None, out: _EOutText = ...,
     batch_size: _EBatch = 8, limit: _ELimit = None, as_json: _EJson = False, max_new_tokens: _EMaxNew = None,
-    device: _EDevice = "auto", dtype: _EDtype = "auto", compile: _ECompile = False,
+    device: _EDevice = "auto", dtype: _EDtype = "auto", compile: _ECompile = None,
     quantize: Quantize = "none", repetition_penalty: RepetitionPenalty = 1.0,
     exact_match: Annotated[Optional[bool], typer.Option("--exact-match/--no-exact-match", help="Also generate and report exact match (default: when every reference is at most 3 words).")] = None,
     images_root: _ERoot = None,

@@ -100,7 +100,9 @@ def train(
                   f"{resume_hint(trainer.last_saved, out)}", markup=False, soft_wrap=True)
     if trainer.dist.main:
         if not quiet:
-            speed = f"{info.tokens_per_s:.0f} tok/s, " if info.tokens_per_s is not None else ""
+            speed = f"{info.tokens_per_s:.0f} tok/s steady, " if info.tokens_per_s is not None else ""
+            if info.warmup_s:
+                speed += f"{info.warmup_s:.1f} s warm-up{f' ({info.compiles} graphs compiled)' if info.compiles else ''}, "
             err.print(f"done: {info.steps}/{info.total_steps} steps, {speed}{info.seconds:.1f} s; final loss "
                       f"{format_losses(info.final_loss)} (per stream: per token over its last logged steps)",
                       markup=False, soft_wrap=True)

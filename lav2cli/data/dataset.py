@@ -105,11 +105,21 @@ class Batch:
                      None if self.image_mask is None else self.image_mask.to(device, non_blocking=True))
 
 
+def bucket_length(length: int, multiple: int, max_len: int | None = None) -> int:
+    """length rounded up to a multiple of `multiple`, but not past max_len (nor below length).
+    Padding is invisible to the loss: padded positions are unsupervised and, being last, are
+    never attended to by the real tokens."""
+    padded = -(-length // multiple) * multiple
+    return max(length, min(padded, max_len)) if max_len else padded
+
+
 def collate(examples: list[Example], pad_id: int, image_fn: Callable[[str], torch.Tensor] | None,
-            map_fn: Callable = map) -> Batch:
-    """Right-pad to the longest example; images through image_fn (path -> tensor), mapped with
-    map_fn (a thread pool's map loads them in parallel)."""
-    T = max(len(e.ids) for e in examples)
+            map_fn: Callable = map, pad_multiple: int = 1, max_len: int | None = None) -> Batch:
+    """Right-pad to the longest example, rounded up to a multiple of pad_multiple (at most
+    max_len, unless the longest is longer: a compiled model then sees a few lengths, not every
+    one); images through image_fn (path -> tensor), mapped with map_fn (a thread pool's map loads
+    them in parallel)."""
+    T = bucket_length(max(len(e.ids) for e in examples), pad_multiple, max_len)
     tokens = torch.full((len(examples), T), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
     for i, e in enumerate(examples):

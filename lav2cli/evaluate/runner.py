@@ -62,7 +62,7 @@ class EvalOptions:
     max_new_tokens: int | None = None
     device: str = "auto"
     dtype: str = "auto"
-    compile: bool = False  # a compiled decode step
+    compile: bool | None = None  # a compiled decode step; None: on CUDA
     predictions: Path | None = None
     short_answer: bool = True  # vqa
     suffix: str = ""  # vqa: appended to every question
@@ -234,7 +234,7 @@ def _predict(engine: Engine, opts: EvalOptions, todo: list[T.Unit], out: Path, e
             bar.advance(job, len(batch))
     dt = time.perf_counter() - t0
     console.print(f"predicted {len(todo)} {'images' if opts.task == 'caption' else 'records'} in {dt:.1f} s "
-                  f"-> {out}", markup=False, soft_wrap=True)
+                  f"({len(todo) / dt:.2f}/s) -> {out}", markup=False, soft_wrap=True)
     return new
 
 
@@ -276,6 +276,7 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] | None = None) -> dic
         for rid in u.record_ids:
             owner[rid] = u.id
     exact_match = opts.exact_match if opts.exact_match is not None else T.wants_exact_match(units)
+    speed: dict[str, Any] = {}
 
     if opts.predictions is not None:
         if opts.task == "text":
@@ -314,7 +315,10 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] | None = None) -> dic
             if any(u.image for u in todo) and not engine.can_see:
                 log("note: this model has no trained visual branch, so it cannot see the images; "
                     "its answers come from the text alone")
+            t0 = time.perf_counter()
             preds.update(_predict(engine, opts, todo, opts.out, exact_match, pipeline))
+            speed = {"predicted": len(todo), "predicted_per_s": round(len(todo) / (time.perf_counter() - t0), 3),
+                     "device": str(engine.device), "compiled_decode": engine.compile_decode}
         source, where = opts.out, metrics_path(opts.out)
 
     scored = [u for u in units if u.id in preds]
@@ -340,6 +344,7 @@ def evaluate(opts: EvalOptions, log: Callable[[str], None] | None = None) -> dic
     unfamiliar = sum(1 for u in scored if preds[u.id].get("out_of_domain"))
     if unfamiliar:  # answered from the caption and OCR experts (lav2cli.answer)
         result["out_of_domain"] = unfamiliar
+    result.update(speed)  # this run's predictions (none when all were in --out or --predictions)
     result.update(T.SCORERS[opts.task](scored, preds))
     if opts.task == "text":
         result["exact_match_reported"] = exact_match
@@ -428,7 +433,7 @@ def _load(opts: EvalOptions) -> Engine:
     with _stderr().status(f"loading {opts.model} ...", spinner="dots"):
         engine = load(opts.model, base=opts.base, clip=opts.clip, device=opts.device, dtype=opts.dtype, inference=True,
                       quantize=opts.quantize)
-    engine.compile_decode = opts.compile
+    engine.compile_decode = opts.compile if opts.compile is not None else engine.device.type == "cuda"
     return engine
 
 

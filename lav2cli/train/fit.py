@@ -32,8 +32,11 @@ from lav2cli.train.distributed import all_reduce_sum, clip_grad_norm, init_distr
 from lav2cli.train.features import (feature_norm_state, image_reader, raw_clip_proj, restore_feature_norm,
                                     standardizes, start_standardized, training_feature_stats)
 from lav2cli.train.groups import IMAGE_TEXT, INSTRUCTION, make_groups, make_optimizer
-from lav2cli.train.setup import (image_paths, load_engine, make_schedule, make_streams, prepare_model, seed_all,
-                                 select_trainable)
+from lav2cli.train.memory import ActivationBytes, CheckpointPlan, measure_activations
+from lav2cli.train.setup import (checkpoint_blocks, compile_blocks, compiles_blocks, image_paths, load_engine,
+                                 make_schedule, make_streams, pad_multiple, seed_all, select_trainable, uses_bf16,
+                                 worst_case_batches)
+from lav2cli.train.throughput import Throughput, compiles
 
 
 try:
@@ -51,6 +54,8 @@ class RunInfo:
     seconds: float
     total_steps: int = 0
     already_complete: bool = False  # --resume of a finished run: nothing was done or written
+    warmup_s: float | None = None  # the first step and steps that compiled: apart from tokens_per_s
+    compiles: int | None = None  # graphs torch.compile compiled during the run
 
 
 def peak_memory_mb(device: torch.device) -> float | None:
@@ -73,7 +78,7 @@ class Trainer:
         # the model
         self.engine, self.initial, self.previous_stage = load_engine(recipe, self.dist)
         self.device, self.model = self.engine.device, self.engine.model.train()
-        self.bf16 = prepare_model(self.model, t, self.device)
+        self.bf16 = uses_bf16(t, self.device)
         # what trains, and how
         self.groups = make_groups(self.model, t.stage)
         self.params = select_trainable(self.model, self.groups)
@@ -87,6 +92,12 @@ class Trainer:
         self.image_fn = image_reader(self.engine, self.image_paths, recipe.data.feature_cache, self.dist, log)
         self.pool = ThreadPoolExecutor(max(1, recipe.data.workers))  # decodes a batch's images in parallel
         self.total_steps, self.scheduler = make_schedule(self.optimizer, t, self.lr, self.streams)
+        # speed: checkpointed blocks (measured against a budget), compiled blocks, length buckets
+        self.checkpoint_plan = self._checkpointing()
+        self.compiled = compiles_blocks(t, self.device)
+        self.pad_multiple = pad_multiple(t, self.compiled)
+        if self.compiled:
+            compile_blocks(self.model, -(-recipe.data.max_tokens // self.pad_multiple))
         # where it starts
         self.step, self.last_saved = 0, -1
         self.seconds_before = 0.0  # training time of the run before a --resume
@@ -103,6 +114,23 @@ class Trainer:
         self.feature_stats = (training_feature_stats(self.model, self.image_fn, self.image_paths, self.device,
                                                      t.seed).to_tensors()
                               if self.image_fn is not None and self.dist.main and not self.already_complete else None)
+
+    def _checkpointing(self) -> CheckpointPlan | None:
+        t = self.recipe.train
+
+        def measure() -> ActivationBytes:
+            batches = worst_case_batches(self.streams, self.engine.tokenizer.pad_id, self.image_fn, t.batch_size,
+                                         self.recipe.data.max_tokens)
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                each = [measure_activations(self.model, lambda b=b: self.loss_sum(b.to(self.device, self.engine.dtype)))
+                        for b in batches]
+            return ActivationBytes([max(col) for col in zip(*(m.blocks for m in each))],
+                                   max(m.outside for m in each), max(m.block_input for m in each))
+
+        blocks, plan = checkpoint_blocks(self.model, t, self.device, t.fsdp and self.dist.world > 1, measure,
+                                         list(self.params.values()), self.log if self.dist.main else lambda _: None)
+        self.model.llama.checkpoint_blocks = blocks
+        return plan
 
     def print_groups(self) -> list[tuple[str, int]]:
         """(group, number of trainable values) for each group of the stage."""
@@ -133,7 +161,8 @@ class Trainer:
         for _ in range(t.grad_accum):
             examples = stream.next()
             mine = examples[d.rank * t.batch_size:(d.rank + 1) * t.batch_size]
-            micro.append(collate(mine, self.engine.tokenizer.pad_id, self.image_fn, self.pool.map))
+            micro.append(collate(mine, self.engine.tokenizer.pad_id, self.image_fn, self.pool.map,
+                                 self.pad_multiple, self.recipe.data.max_tokens))
         n_tok = torch.tensor(float(sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in micro)))
         total_tok = all_reduce_sum(n_tok.to(self.device), d).item()
         loss_total = torch.zeros((), device=self.device)
@@ -174,7 +203,8 @@ class Trainer:
             return RunInfo(self.out, self.step, losses, checkpoint.training_record(self.out).get("tokens_per_s"), 0.0,
                            self.total_steps, already_complete=True)
         end = min(self.total_steps, stop_after) if stop_after else self.total_steps
-        start, t0, tokens, last = self.step, time.perf_counter(), 0, {}
+        start, t0, last = self.step, time.perf_counter(), {}
+        speed, compiled_before = Throughput(), compiles()
         # resumed: the new event file purges the steps after the checkpoint, logged again
         board = Board(self.out, purge_step=start + 1 if start else None) if self.dist.main else None
         progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -184,37 +214,51 @@ class Trainer:
         with progress:
             task = progress.add_task(f"train {t.stage}", total=self.total_steps, completed=start, status="")
             while self.step < end:
+                step_t0, graphs = time.perf_counter(), compiles()
                 rec = self.train_step(self.step)
+                speed.add(rec["tokens"], time.perf_counter() - step_t0, compiles() - graphs)
                 if not math.isfinite(rec["loss"]):
                     where = (f"the last good checkpoint (step {self.last_saved}) is in {self.out}"
                              if self.last_saved >= 0 else "no checkpoint was written")
                     raise Lav2Error(f"step {rec['step']}: loss is {rec['loss']} ({rec['stream']} batch); stopped; {where}")
                 self.step += 1
-                tokens += rec["tokens"]
-                elapsed = time.perf_counter() - t0
-                rec["tokens_per_s"] = round(tokens / elapsed, 1) if elapsed > 0 else 0.0
+                rec["tokens_per_s"] = speed.tokens_per_s  # steady state: warm-up and compilation apart
+                rec["warmup_s"] = round(speed.warmup_seconds, 2)
+                rec["compiles"] = compiles() - compiled_before
                 rec["memory_mb"] = peak_memory_mb(self.device)
                 last = rec
                 if self.dist.main and (self.step % max(1, t.log_every) == 0 or self.step == self.total_steps or self.step == start + 1):
                     checkpoint.append_metrics(self.out, rec)
                     board.log(rec)
-                progress.update(task, completed=self.step,
-                                status=f"loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  {rec['tokens_per_s']:.0f} tok/s")
+                progress.update(task, completed=self.step, status=self._status(rec))
                 if t.checkpoint_every > 0 and self.step % t.checkpoint_every == 0 and self.step < self.total_steps:
-                    self.save(False, self._summary(last, tokens, t0))
-        summary = self._summary(last, tokens, t0)
+                    self.save(False, self._summary(last, t0))
+        summary = self._summary(last, t0)
         self.save(self.step >= self.total_steps, summary)
         if board is not None:
             board.close()
         self.pool.shutdown()
         leave(self.dist)
         return RunInfo(self.out, self.step, summary["final_loss"], last.get("tokens_per_s"),
-                       time.perf_counter() - t0, self.total_steps)
+                       time.perf_counter() - t0, self.total_steps, warmup_s=last.get("warmup_s"),
+                       compiles=last.get("compiles"))
 
-    def _summary(self, last: dict, tokens: int, t0: float) -> dict[str, Any]:
+    def _status(self, rec: dict[str, Any]) -> str:
+        speed = f"{rec['tokens_per_s']:.0f} tok/s" if rec["tokens_per_s"] is not None else "warming up"
+        memory = f"  peak {rec['memory_mb'] / 1024:.1f} GB" if rec.get("memory_mb") is not None else ""
+        return f"loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  {speed}{memory}"
+
+    def _summary(self, last: dict, t0: float) -> dict[str, Any]:
         # the final loss from the whole log (steps before a --resume included): rank 0 writes it
         losses = runlog.final_losses(runlog.read_metrics(self.out / runlog.METRICS_FILE)) if self.dist.main else {}
-        return {"final_loss": losses, "final_loss_window": runlog.FINAL_WINDOW, "tokens_per_s": last.get("tokens_per_s"),
+        plan = self.checkpoint_plan
+        return {"final_loss": losses, "final_loss_window": runlog.FINAL_WINDOW,
+                "tokens_per_s": last.get("tokens_per_s"),  # steady state
+                "warmup_s": last.get("warmup_s"), "compiles": last.get("compiles"),
+                "peak_memory_mb": last.get("memory_mb"),
+                "checkpointed_blocks": self.model.llama.checkpoint_blocks, "compiled_blocks": self.compiled,
+                "pad_multiple": self.pad_multiple,
+                "predicted_peak_mb": round(plan.peak / 2**20, 1) if plan else None,
                 "seconds": round(self.seconds_before + time.perf_counter() - t0, 2), "device": str(self.device),
                 "world_size": self.dist.world, "global_batch": self.global_batch, "lr": self.lr}
 

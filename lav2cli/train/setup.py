@@ -2,10 +2,13 @@
 
     resolve        the recipe: the file plus --set overrides, or the run's saved one on --resume
     load_engine    recipe -> engine: a fresh adapter on a base, or an artifact to continue
-    prepare_model  precision, activation checkpointing, compiled blocks
+    uses_bf16      precision
     (groups.py)    the stage's trainable tensors by group, and their AdamW
     make_streams   the stage's record streams
     make_schedule  the run's length; linear warmup, then a half cosine
+    checkpoint_blocks  activation checkpointing (auto: the fewest blocks that fit a memory
+                   budget, measured on worst_case_batches; memory.py)
+    compile_blocks compiled blocks; pad_multiple buckets the batch lengths they see
 """
 
 from __future__ import annotations
@@ -13,11 +16,11 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from lav2cli.data.dataset import Stream, load_examples
+from lav2cli.data.dataset import Batch, Stream, collate, load_examples
 from lav2cli.engine import Engine, load, resolve_device
 from lav2cli.errors import Lav2Error
 from lav2cli.formats import artifact, classify
@@ -26,6 +29,8 @@ from lav2cli.recipe import PATH_FIELDS, STAGE_STREAMS, Recipe, TrainSection, loa
 from lav2cli.train.checkpoint import RECIPE_FILE, STATE_FILE
 from lav2cli.train.distributed import Dist, shard_blocks
 from lav2cli.train.groups import IMAGE_TEXT, INSTRUCTION
+from lav2cli.train.memory import (GB, ActivationBytes, CheckpointPlan, default_budget, fixed_bytes,
+                                  plan_checkpointing)
 
 
 def resolve(recipe_path: str | None, overrides: list[str], out: Path, resume: bool) -> Recipe:
@@ -83,19 +88,71 @@ def load_engine(r: Recipe, d: Dist) -> tuple[Engine, set[str], dict[str, Any] | 
     return engine, initial, previous
 
 
-def prepare_model(model: LlamaAdapterV2, t: TrainSection, device: torch.device) -> bool:
-    """Activation checkpointing and compiled blocks as the recipe asks (checkpointing on by
-    default on CUDA); returns whether the forward pass autocasts to bfloat16."""
-    cuda = device.type == "cuda"
+def uses_bf16(t: TrainSection, device: torch.device) -> bool:
+    """Whether the forward pass autocasts to bfloat16 (by default on CUDA)."""
+    return t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
+
+
+def compiles_blocks(t: TrainSection, device: torch.device) -> bool:
+    return t.compile == "on" or (t.compile == "auto" and device.type == "cuda")
+
+
+def pad_multiple(t: TrainSection, compiled: bool) -> int:
+    """Batch lengths round up to this: a compiled block then meets a few lengths, each compiled
+    once, instead of a new one at most steps."""
+    return t.pad_multiple or (64 if compiled else 1)
+
+
+def worst_case_batches(streams: dict[str, Stream], pad_id: int, image_fn: Callable[[str], torch.Tensor] | None,
+                       batch_size: int, max_tokens: int) -> list[Batch]:
+    """Per stream, a micro-batch of its records padded to max_tokens with every token
+    supervised: the most a step of that stream can keep for backward."""
+    batches = []
+    for s in streams.values():
+        rows = (s.examples * -(-batch_size // len(s.examples)))[:batch_size]
+        b = collate(rows, pad_id, image_fn, pad_multiple=max_tokens, max_len=max_tokens)
+        batches.append(Batch(b.tokens, b.tokens.clone(), b.images, b.image_mask))
+    return batches
+
+
+def checkpoint_blocks(model: LlamaAdapterV2, t: TrainSection, device: torch.device, fsdp: bool,
+                      measure: Callable[[], ActivationBytes], trainable: list[torch.Tensor],
+                      log: Callable[[str], None]) -> tuple[int, CheckpointPlan | None]:
+    """(how many blocks, from the first, recompute their activations in backward; the plan when
+    grad_ckpt auto chose it). Explicit settings win: grad_ckpt off, on (all blocks) or
+    grad_ckpt_blocks N. auto plans against train.memory_budget_gb, by default on CUDA only."""
     n_layers = model.config.n_layers
     if t.grad_ckpt_blocks > n_layers:
         raise Lav2Error(f"train.grad_ckpt_blocks {t.grad_ckpt_blocks}: the model has {n_layers} blocks")
-    if t.grad_ckpt == "on" or (t.grad_ckpt == "auto" and cuda):
-        model.llama.checkpoint_blocks = t.grad_ckpt_blocks or n_layers
-    if t.compile:
-        for layer in model.llama.layers:
-            layer.compile()
-    return t.precision == "bf16" or (t.precision == "auto" and cuda)
+    if t.grad_ckpt == "off":
+        return 0, None
+    if t.grad_ckpt_blocks > 0:
+        return t.grad_ckpt_blocks, None
+    if t.grad_ckpt == "on":
+        return n_layers, None
+    budget = int(t.memory_budget_gb * GB) if t.memory_budget_gb > 0 else default_budget(device)
+    if budget is None:  # a CPU or MPS run without a budget: nothing to plan against
+        return 0, None
+    if fsdp:  # the measuring pass would gather every shard: keep the safe choice
+        log("activation checkpointing: every block (FSDP: no memory plan)")
+        return n_layers, None
+    tensors = [*model.parameters(), *model.buffers()]
+    plan = plan_checkpointing(measure(), fixed_bytes(tensors, trainable), budget)
+    log(plan.describe(n_layers))
+    return plan.blocks, plan
+
+
+COMPILE_BACKEND = "inductor"  # torch.compile's default; tests count dynamo's graphs with "eager"
+
+
+def compile_blocks(model: LlamaAdapterV2, lengths: int) -> None:
+    """torch.compile each transformer block. One graph per length bucket, with and without
+    images and checkpointing: the recompile limit covers them, so that none falls back to eager."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * lengths + 8)
+    for layer in model.llama.layers:
+        layer.compile(dynamic=False, backend=COMPILE_BACKEND)
 
 
 def select_trainable(model: LlamaAdapterV2, groups: dict[str, list[str]]) -> dict[str, torch.nn.Parameter]:
