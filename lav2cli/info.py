@@ -122,6 +122,10 @@ def _number(value: Any, fmt: str) -> str:
     return format(value, fmt) if isinstance(value, (int, float)) else "?"
 
 
+def _mb(value: Any) -> str:
+    return f"{value / 1024:.1f} GB" if isinstance(value, (int, float)) and value >= 1024 else f"{_number(value, '.1f')} MB"
+
+
 def _stage_rows(tr: dict[str, Any], continues: bool = False) -> list[tuple[str, str]]:
     rows = [("training", f"stage {tr.get('stage')}, {tr.get('step')}/{tr.get('total_steps')} steps"
                          f"{'' if tr.get('complete') else ' (incomplete)'}, global batch {tr.get('global_batch')}, "
@@ -133,9 +137,9 @@ def _stage_rows(tr: dict[str, Any], continues: bool = False) -> list[tuple[str, 
                                       + (f" (steady; {_number(tr['warmup_s'], '.1f')} s warm-up)"
                                          if tr.get("warmup_s") is not None else "")))
         if tr.get("peak_memory_mb") is not None:
-            planned = (f", {_number(tr['predicted_peak_mb'] / 1024, '.1f')} GB predicted"
+            planned = (f", {_mb(tr['predicted_peak_mb'])} predicted"
                        if isinstance(tr.get("predicted_peak_mb"), (int, float)) else "")
-            rows.append(("memory", f"peak {_number(tr['peak_memory_mb'] / 1024, '.1f')} GB{planned}; "
+            rows.append(("memory", f"peak {_mb(tr['peak_memory_mb'])}{planned}; "
                                    f"{tr.get('checkpointed_blocks')} blocks checkpointed"
                                    f"{', compiled blocks' if tr.get('compiled_blocks') else ''}"))
     for grp, n in (tr.get("data") or {}).items():

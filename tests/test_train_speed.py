@@ -76,7 +76,7 @@ def test_auto_checkpointing_follows_the_memory_budget(setup, tmp_path, tiny_llam
     act = _measured(tight)
     peaks = [predicted_peak(act, tight.checkpoint_plan.fixed, n) for n in range(n_layers + 1)]
     budget = (peaks[0] + peaks[-1]) // 2
-    middle, _ = _trainer(setup, tmp_path, "middle", train__memory_budget_gb=budget / 1e9 + 1e-12)
+    middle, _ = _trainer(setup, tmp_path, "middle", train__memory_budget_gb=budget / 2**30 + 1e-12)
     want = next(n for n, p in enumerate(peaks) if p <= budget)
     assert middle.model.llama.checkpoint_blocks == want
     # explicit settings win, and a CPU run without a budget plans nothing

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-GB = 1e9
+GB = 2**30  # binary, as the peak memory figures (memory_mb) are
 
 
 @dataclass
@@ -47,8 +47,13 @@ class CheckpointPlan:
                 else f"the first {self.blocks} of {n_layers} blocks")
         why = ("the fewest whose activations fit" if self.fits
                else "even so the step may not fit")
-        return (f"activation checkpointing: {what} ({why} a {self.budget / GB:.1f} GB budget); predicted peak "
-                f"{self.peak / GB:.1f} GB ({self.fixed / GB:.1f} GB of weights and optimiser state)")
+        return (f"activation checkpointing: {what} ({why} a {size(self.budget)} budget); predicted peak "
+                f"{size(self.peak)} ({size(self.fixed)} of weights and optimiser state)")
+
+
+def size(n: float) -> str:
+    """Bytes for people: GB from one up, MB below."""
+    return f"{n / GB:.1f} GB" if n >= GB else f"{n / 2**20:.1f} MB"
 
 
 def measure_activations(model: torch.nn.Module, forward: Callable[[], object]) -> ActivationBytes:
