@@ -239,7 +239,7 @@ def main(ref: str, out: Path, format: str, dtype: str, base: str | None, clip: s
               verify=verify, float_base=float_base, log=log)
     log(f"folded: {', '.join(r.folded) or 'nothing'}")
     if r.base_quantize:
-        log(f"the adapter trained on a {r.base_quantize}-quantised base: folded into that base dequantised, "
+        log(f"the adapter was trained on a base quantised {r.base_quantize}: folded into that base dequantised, "
             f"written as {r.dtype} weights (not quantised); --float-base folds into the original float weights")
     if r.kept:
         log(f"kept outside the plain weights ({r.sidecar_params:,} parameters in lav2.json + adapter.safetensors): "
