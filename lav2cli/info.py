@@ -95,6 +95,8 @@ def _stage_rows(tr: dict[str, Any]) -> list[tuple[str, str]]:
     if "seconds" in tr:
         rows.append(("training time", f"{tr['seconds']:,.0f} s on {tr.get('device')} x{tr.get('world_size', 1)}, "
                                       f"{tr.get('tokens_per_s', 0):,.0f} tokens/s"))
+    if tr.get("quantize", "none") != "none":
+        rows.append(("training base", f"quantised {tr['quantize']} (the adapter loads on the float base too)"))
     for grp, n in (tr.get("data") or {}).items():
         rows.append((f"training data: {grp}", f"{n:,} examples per epoch"))
     for grp, n in (tr.get("groups") or {}).items():
