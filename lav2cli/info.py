@@ -142,6 +142,8 @@ def _stage_rows(tr: dict[str, Any], continues: bool = False) -> list[tuple[str, 
             rows.append(("memory", f"peak {_mb(tr['peak_memory_mb'])}{planned}; "
                                    f"{tr.get('checkpointed_blocks')} blocks checkpointed"
                                    f"{', compiled blocks' if tr.get('compiled_blocks') else ''}"))
+    if tr.get("quantize", "none") != "none":
+        rows.append(("training base", f"quantised {tr['quantize']} (the adapter loads on the float base too)"))
     for grp, n in (tr.get("data") or {}).items():
         rows.append((f"training data: {grp}", f"{n:,} examples per epoch"))
     for grp, n in (tr.get("groups") or {}).items():

@@ -248,6 +248,8 @@ def test_cli_quantize_and_one_line_errors(base, trained_int4, tmp_path):
     assert r.stderr.startswith("lav2: error: --quantize 'int5': expected none, int8, int4")
     r = run_cli("ask", "none", "hello", "--model", str(base), "--quantize", "int4:64")
     assert r.returncode == 1 and "not a multiple of the group size 64" in r.stderr and r.stderr.count("\n") == 1
+    r = run_cli("info", str(trained_int4))
+    assert r.returncode == 0 and "quantised int4:32" in r.stdout, r.stderr
     r = run_cli("merge", str(trained_int4), "--out", str(tmp_path / "m"), "--device", "cpu", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["base_quantize"] == "int4:32" and "not quantised" in r.stderr
