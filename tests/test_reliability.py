@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from lav2cli import engine, fileio, formats
 from lav2cli.data.prepare import prepare
+from lav2cli.data.records import read_records
 from lav2cli.errors import Lav2Error
 from lav2cli.evaluate import EvalOptions, evaluate, read_predictions
 from lav2cli.formats import gguf as gguf_fmt
@@ -284,6 +285,23 @@ def test_prepare_killed_between_its_renames_is_finished_by_the_next_write(tmp_pa
     r = lav2(*cmd(b))  # the next command: a consistent output, no debris
     assert r.returncode == 0, r.stderr
     assert _paired(out)["inputs"][0]["path"] == str(b) and "B question" in out.read_text()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_reader_of_a_killed_prepare_reads_one_run(tmp_path):
+    """The next command after a kill between prepare's renames may be a reader (train, eval): it
+    reads the records and the validation split of one run, not the new records with the old split."""
+    out, val = tmp_path / "data.jsonl", tmp_path / "data.val.jsonl"
+    a, b = _alpaca(tmp_path / "a.json", "A"), _alpaca(tmp_path / "b.json", "B")
+    cmd = lambda src: ["prepare", "alpaca", "--input", src, "--out", out, "--val-fraction", "0.5"]  # noqa: E731
+    assert lav2(*cmd(a)).returncode == 0
+    kill(start_paused([sys.executable, "-m", "lav2cli", *map(str, cmd(b))], tmp_path / "paused"))
+    assert "B question" in out.read_text() and "A question" in val.read_text()  # the kill's window
+    (tmp_path / "paused").unlink()
+
+    assert {r.instruction.split()[0] for r in read_records(val)} == {"B"}
+    assert {r.instruction.split()[0] for r in read_records(out)} == {"B"}
+    assert _paired(out)["inputs"][0]["path"] == str(b)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
