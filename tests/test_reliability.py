@@ -391,6 +391,16 @@ def test_a_full_disk_during_a_swap_names_the_output_and_keeps_the_old(tiny_disk)
     assert sorted(p.name for p in tiny_disk.iterdir()) == ["run"]
 
 
+def test_train_on_a_full_disk_is_one_line_and_can_simply_be_run_again(runs, base_dir, tiny_disk):
+    """The command line names the output (no exception class), and a run that failed before its
+    first checkpoint leaves no --out behind that the same command would then refuse as not empty."""
+    out = tiny_disk / "run"
+    for _ in range(2):
+        line = error_line(lav2("train", *train_args(runs, base_dir), "--out", out))
+        assert line.startswith(f"lav2: error: {out}: no space left on the device"), line
+        assert list(tiny_disk.iterdir()) == []
+
+
 # -- the GGUF conversion cache and the feature cache -------------------------------------------
 
 
