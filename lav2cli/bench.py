@@ -226,7 +226,7 @@ def bench_decode(shape: str, batch: int, prompt_len: int, new_tokens: int, compi
         "quantize": str(spec) if spec else "none", "quantized_layouts": _layouts(model),
         "tokens_per_s": round(tok_s, 2), "seconds_per_token": round(decode_s / max(steps - 1, 1), 6),
         "prefill_s": round(prefill, 4), "weight_bytes": weight_bytes(model),
-        "bandwidth_gb_s": round(bw / 1e9, 1), "bandwidth_share": round(bw / peak_bw, 3) if peak_bw else None,
+        "bandwidth_gb_s": round(bw / 1e9, 3), "bandwidth_share": round(bw / peak_bw, 3) if peak_bw else None,
         "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if device.type == "cuda" else None,
         "device": name, "torch": torch.__version__, **profiled,
     }

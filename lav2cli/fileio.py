@@ -275,15 +275,33 @@ def claim(final: str | Path, wait: bool = True, log: Log | None = None) -> Itera
         yield
 
 
+def _journalled_with(final: Path) -> list[Path]:
+    """The files a dead or live atomic_files' journal names together with FINAL ([] if none)."""
+    finals: list[Path] = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(final.parent):
+            if entry.name.endswith(".commit") and _MARKER.match(entry.name):
+                dsts = [d for _, d in _read_journal(Path(entry.path))]
+                if any(d.name == final.name for d in dsts):
+                    finals += [d for d in dsts if d not in finals]
+    return finals
+
+
 def find_interrupted(final: str | Path) -> None:
-    """For readers: a missing `final` that a dead swap left aside is put back in place (a live
-    writer's is left to it), so that a run is found by any command, not only the next writer."""
+    """For readers: a missing `final` that a dead swap left aside is put back in place, and the
+    remaining renames of a dead atomic_files that names `final` are done (a live writer's are
+    left to it), so that a run is found, and files written together are read together, by any
+    command, not only the next writer."""
     final = Path(final)
-    if final.exists() or final.is_symlink() or not _leftovers(final)[1]:
-        return
-    with contextlib.suppress(InUse, OSError):
-        with claim(final, wait=False):
-            pass
+    finals = _journalled_with(final)
+    if not finals:
+        if final.exists() or final.is_symlink() or not _leftovers(final)[1]:
+            return
+        finals = [final]
+    with contextlib.suppress(InUse, OSError), contextlib.ExitStack() as locks:
+        for f in sorted(set(finals), key=lambda p: str(p.absolute())):  # atomic_files' order
+            locks.enter_context(lock(f, wait=False))
+        recover(finals)
 
 
 def sweep(folder: str | Path, log: Log | None = None) -> None:

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from lav2cli import engine, fileio, formats
 from lav2cli.data.prepare import prepare
+from lav2cli.data.records import read_records
 from lav2cli.errors import Lav2Error
 from lav2cli.evaluate import EvalOptions, evaluate, read_predictions
 from lav2cli.formats import gguf as gguf_fmt
@@ -287,6 +288,23 @@ def test_prepare_killed_between_its_renames_is_finished_by_the_next_write(tmp_pa
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_a_reader_of_a_killed_prepare_reads_one_run(tmp_path):
+    """The next command after a kill between prepare's renames may be a reader (train, eval): it
+    reads the records and the validation split of one run, not the new records with the old split."""
+    out, val = tmp_path / "data.jsonl", tmp_path / "data.val.jsonl"
+    a, b = _alpaca(tmp_path / "a.json", "A"), _alpaca(tmp_path / "b.json", "B")
+    cmd = lambda src: ["prepare", "alpaca", "--input", src, "--out", out, "--val-fraction", "0.5"]  # noqa: E731
+    assert lav2(*cmd(a)).returncode == 0
+    kill(start_paused([sys.executable, "-m", "lav2cli", *map(str, cmd(b))], tmp_path / "paused"))
+    assert "B question" in out.read_text() and "A question" in val.read_text()  # the kill's window
+    (tmp_path / "paused").unlink()
+
+    assert {r.instruction.split()[0] for r in read_records(val)} == {"B"}
+    assert {r.instruction.split()[0] for r in read_records(out)} == {"B"}
+    assert _paired(out)["inputs"][0]["path"] == str(b)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
 # -- fileio: swaps, journals, leftovers, links, full disks ------------------------------------
 
 
@@ -371,6 +389,16 @@ def test_a_full_disk_during_a_swap_names_the_output_and_keeps_the_old(tiny_disk)
     assert isinstance(e.value, OSError) and "\n" not in str(e.value)
     assert (final / "adapter.safetensors").read_text() == "old"
     assert sorted(p.name for p in tiny_disk.iterdir()) == ["run"]
+
+
+def test_train_on_a_full_disk_is_one_line_and_can_simply_be_run_again(runs, base_dir, tiny_disk):
+    """The command line names the output (no exception class), and a run that failed before its
+    first checkpoint leaves no --out behind that the same command would then refuse as not empty."""
+    out = tiny_disk / "run"
+    for _ in range(2):
+        line = error_line(lav2("train", *train_args(runs, base_dir), "--out", out))
+        assert line.startswith(f"lav2: error: {out}: no space left on the device"), line
+        assert list(tiny_disk.iterdir()) == []
 
 
 # -- the GGUF conversion cache and the feature cache -------------------------------------------

@@ -318,6 +318,11 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:
         _quiet_pipe()
         sys.exit(SIGPIPE_STATUS)
+    except Lav2Error as e:  # before OSError: some are both (fileio.NoSpace), and name their file
+        if _debug():
+            raise
+        print(f"lav2: error: {e}", file=sys.stderr)
+        sys.exit(1)
     except OSError as e:
         if e.errno == errno.EPIPE:
             _quiet_pipe()
@@ -325,11 +330,6 @@ def main(argv: list[str] | None = None) -> None:
         if _debug():
             raise
         print(f"lav2: error: {_os_error(e)}", file=sys.stderr)
-        sys.exit(1)
-    except Lav2Error as e:
-        if _debug():
-            raise
-        print(f"lav2: error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         what = " ".join(command_words(group, args)) or "lav2"

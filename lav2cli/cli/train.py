@@ -15,7 +15,7 @@ from lav2cli.cli.common import stderr
 from lav2cli.recipe import PATH_FIELDS, Recipe, in_effect, section_rows
 from lav2cli.runlog import format_losses
 from lav2cli.train import Trainer, claim_run, prepare_out, resolve
-from lav2cli.train.checkpoint import training_record
+from lav2cli.train.checkpoint import drop_unstarted, training_record
 
 app = typer.Typer(add_completion=False)
 
@@ -78,8 +78,8 @@ def train(
         try:
             trainer = Trainer(recipe=r, out=out_dir, resume=resume, log=log, show_progress=not quiet)
         except BaseException:
-            if created and not any(out_dir.iterdir()):  # a run that could not start leaves no empty --out
-                out_dir.rmdir()
+            if created:  # a run that could not start leaves no --out
+                drop_unstarted(out_dir)
             raise
         if trainer.already_complete:
             trainer.run()  # releases what the trainer holds; writes nothing
@@ -90,7 +90,11 @@ def train(
             err.print(_recipe_table(r, trainer))
         try:
             info = trainer.run(stop_after=stop_after)
-        except KeyboardInterrupt:
+        except BaseException as e:
+            if created and trainer.dist.main:  # nor one that failed before its first checkpoint
+                drop_unstarted(out_dir)
+            if not isinstance(e, KeyboardInterrupt):
+                raise
             if trainer.dist.main:
                 err.print(f"lav2: interrupted: training at step {trainer.step} of {trainer.total_steps}; "
                           f"{resume_hint(trainer.last_saved, out)}", markup=False, soft_wrap=True)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Iterator
 
 from lav2cli.errors import Lav2Error
+from lav2cli.fileio import find_interrupted
 from lav2cli.schema import Field, SchemaError, check, nonempty, one_of, parse_json
 
 KINDS = ("caption", "instruction", "vqa")
@@ -192,6 +193,7 @@ def read_records(path: str | os.PathLike[str], images_root: str | os.PathLike[st
         handle, name = _stdin_bytes(), "<stdin>"
     else:
         name = path
+        find_interrupted(path)  # a prepare killed between the renames of its files: finish them
         try:
             handle = open(path, "rb")  # bytes: each line decoded alone, so a bad byte is reported on its line
         except IsADirectoryError:

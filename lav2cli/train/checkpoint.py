@@ -67,10 +67,26 @@ def prepare_out(out: Path, resume: bool, force: bool, inputs: dict[str, str | No
     out.mkdir(parents=True, exist_ok=True)
     # --force: the previous run's files go (a crash before the first checkpoint must not leave
     # its state for --resume to pick up); files of the user's own stay
+    clear_run_files(out)
+
+
+def clear_run_files(out: Path) -> None:
+    """Remove the files a run writes in `out` (a user's own files stay)."""
     for name in (METRICS_FILE, STATE_FILE, RECIPE_FILE, artifact.WEIGHTS, artifact.META):
         (out / name).unlink(missing_ok=True)
     for f in [*out.glob(EVENTS_GLOB), *out.glob(STAGE_GLOB)]:
         f.unlink()
+
+
+def drop_unstarted(out: Path) -> None:
+    """A run directory this command created and then failed in before its first checkpoint (a
+    full disk, a bad record): what it logged goes, and the directory if nothing else is there,
+    so that the same command can simply be run again."""
+    if (out / STATE_FILE).exists():
+        return
+    with contextlib.suppress(OSError):
+        clear_run_files(out)
+        out.rmdir()  # not empty: the user's own files stay
 
 
 # -- save --------------------------------------------------------------------------------------
