@@ -290,6 +290,7 @@ def _bad_requests(images_dir: Path) -> dict[str, tuple[bytes | dict, int, str, s
                        "too_many_images", KEY),
         "temperature out of range": ({"messages": [user("hi")], "temperature": 5}, 400, "invalid_value", KEY),
         "n above 1": ({"messages": [user("hi")], "n": 2}, 400, "unsupported_parameter", KEY),
+        "penalty out of range": ({"messages": [user("hi")], "frequency_penalty": 3}, 400, "invalid_value", KEY),
         "body over the limit": ({"messages": [user("x" * 80_000)]}, 413, "request_too_large", KEY),
         "wrong api key": ({"messages": [user("hi")]}, 401, "invalid_api_key", "not-the-key"),
     }
@@ -415,6 +416,22 @@ def test_an_image_question_is_answered_as_lav2_ask_answers_it(demo, easyvqa_imag
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_penalties_change_a_repetitive_greedy_answer(demo):
+    """frequency_penalty reaches generation: a greedy list with a strong penalty on repeats
+    differs from the plain one, and penalty 0 is the plain answer."""
+    client = demo.client(key=None)
+
+    def ask(**extra) -> str:
+        r = client.chat.completions.create(model="demo", messages=[user("Write a short story about a robot who learns to paint.")],
+                                           max_tokens=64, temperature=0, **extra)
+        return r.choices[0].message.content
+
+    plain = ask()
+    assert ask(frequency_penalty=0) == plain
+    assert ask(frequency_penalty=2.0, presence_penalty=2.0) != plain
+
+
 def test_local_paths_are_refused_without_allow_local_images(demo, easyvqa_image):
     status, body = demo.post({"messages": [user("hi", str(easyvqa_image))]}, key=None)
     assert status == 400 and body["error"]["code"] == "local_image_refused"
@@ -543,6 +560,9 @@ def test_messages_become_one_question():
     assert (req.temperature, req.top_p, req.max_tokens, req.stops) == (0.1, 0.75, None, ())  # lav2 ask's defaults
     assert parse_chat_request({"messages": [user("hi")], "max_completion_tokens": 9, "stop": "x"}, limits).max_tokens == 9
     assert isinstance(q, Question)
+    penalised = parse_chat_request({"messages": [user("hi")], "frequency_penalty": 0.5, "presence_penalty": -1}, limits)
+    assert (penalised.frequency_penalty, penalised.presence_penalty) == (0.5, -1.0)
+    assert (req.frequency_penalty, req.presence_penalty) == (0.0, 0.0)
 
 
 def test_chatml_renders_real_turns_and_alpaca_folds_them_into_the_input():

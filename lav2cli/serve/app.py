@@ -203,7 +203,8 @@ def create_app(scheduler: Scheduler, settings: Settings) -> Starlette:
                 pass
 
         q = req.question
-        job = Job(q, req.images, req.max_tokens, req.temperature, req.top_p, req.seed, req.stops, emit)
+        job = Job(q, req.images, req.max_tokens, req.temperature, req.top_p, req.seed, req.stops, emit,
+                  penalties=(req.frequency_penalty, req.presence_penalty))
         scheduler.submit(job)
         return Answer(req, job, events)
 

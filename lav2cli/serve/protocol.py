@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 MAX_STOPS = 4  # as the OpenAI API
 ROLES = ("system", "developer", "user", "assistant")
 # accepted only at their neutral value: lav2 has no such feature
-NEUTRAL = {"n": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "top_logprobs": 0,
+NEUTRAL = {"n": 1, "logprobs": False, "top_logprobs": 0,
            "tools": [], "tool_choice": "none", "functions": [], "logit_bias": {}}
 
 
@@ -64,6 +64,8 @@ class ChatRequest:
     seed: int | None
     stops: tuple[str, ...]
     stream: bool = False
+    frequency_penalty: float = 0.0  # as generate.Sampling: over the answer's own tokens
+    presence_penalty: float = 0.0
     include_usage: bool = False
     id: str = field(default_factory=lambda: "chatcmpl-" + uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
@@ -134,7 +136,9 @@ def parse_chat_request(data: Any, limits: Limits) -> ChatRequest:
         model=model, question=question, images=images, max_tokens=max_tokens,
         temperature=_number(data, "temperature", limits.temperature, 0.0, 2.0),
         top_p=_number(data, "top_p", limits.top_p, 0.0, 1.0), seed=_integer(data, "seed"),
-        stops=_stops(data.get("stop")), stream=stream, include_usage=bool(options.get("include_usage")))
+        stops=_stops(data.get("stop")), stream=stream, include_usage=bool(options.get("include_usage")),
+        frequency_penalty=_number(data, "frequency_penalty", 0.0, -2.0, 2.0),
+        presence_penalty=_number(data, "presence_penalty", 0.0, -2.0, 2.0))
 
 
 def conversation(messages: Any, limits: Limits) -> tuple[Question, dict[str, "Image"]]:

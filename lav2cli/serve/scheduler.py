@@ -90,6 +90,7 @@ class Job:
     seed: int | None
     stops: tuple[str, ...]
     emit: Callable[[tuple], None]  # called from the worker thread
+    penalties: tuple[float, float] = (0.0, 0.0)  # frequency, presence (generate.Sampling)
     _cancelled: threading.Event = field(default_factory=threading.Event)
     # the worker's
     ids: list[int] | None = None
@@ -112,10 +113,10 @@ class Job:
     def key(self, serial: int) -> tuple:
         """Jobs with equal keys can share one generate call."""
         if self.temperature <= 0:
-            return ("greedy",)
+            return ("greedy", self.penalties)
         if self.seed is not None:
             return ("seeded", serial)
-        return ("sampled", self.temperature, self.top_p)
+        return ("sampled", self.temperature, self.top_p, self.penalties)
 
 
 @dataclass
@@ -293,7 +294,8 @@ class Scheduler:
             mask = torch.tensor([r is not None for r in rows], device=eng.device)
         first = group[0]
         sampling = Sampling(max_new_tokens=max(j.limit for j in group), temperature=first.temperature,
-                            top_p=first.top_p, seed=first.seed)
+                            top_p=first.top_p, seed=first.seed, frequency_penalty=first.penalties[0],
+                            presence_penalty=first.penalties[1])
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(group))
 
