@@ -15,6 +15,10 @@ from lav2cli.inference.generate import Sampling
 from lav2cli.model.quant import parse_quantize
 from lav2cli.registry import DEFAULT_MODEL
 
+# a small model's greedy answer about an image unlike its training images loops; this ends most
+# loops and leaves answers without repeated tokens as they were (eval stays at 1.0, as benchmarks score)
+ASK_REPETITION_PENALTY = 1.1
+
 app = typer.Typer(add_completion=False)
 
 
@@ -29,7 +33,7 @@ def ask(
     temperature: float = typer.Option(0.1, min=0.0, help="Sampling temperature; 0 = greedy."),
     top_p: float = typer.Option(0.75, min=0.0, max=1.0, help="Nucleus sampling mass."),
     seed: int | None = typer.Option(None, help="Random seed for sampling (reproducible answers)."),
-    repetition_penalty: RepetitionPenalty = 1.0,
+    repetition_penalty: RepetitionPenalty = ASK_REPETITION_PENALTY,
     as_json: bool = typer.Option(False, "--json", help="One JSON object per answer (with timings) instead of streamed text."),
     show_prompt: bool = typer.Option(False, help="Print the full prompt (template applied) on stderr."),
     device: str = typer.Option("auto", help=f"{DEVICE_HELP}."),

@@ -60,7 +60,7 @@ SelfCaption = Annotated[bool, typer.Option(
                                              "with --expert caption. --no-self-caption asks it directly, with the "
                                              "image.")]
 RepetitionPenalty = Annotated[float, typer.Option(
-    "--repetition-penalty", min=0.0, help="Make tokens the answer already generated less likely (CTRL-style: "
+    "--repetition-penalty", min=0.01, help="Make tokens the answer already generated less likely (CTRL-style: "
                                           "1.0 is off, 1.1-1.3 stops most loops).")]
 OcrEngineOption = Annotated[OcrEngine, typer.Option(
     "--ocr-engine", help="OCR expert: rapidocr (pip install 'lav2cli[experts]') or tesseract (the program).")]
