@@ -54,6 +54,10 @@ def eval_vqa(
 
     Examples:
 
+      lav2 prepare easyvqa --kind vqa --split test --out data/easyvqa/test.jsonl
+
+      lav2 eval vqa --data data/easyvqa/test.jsonl --out easyvqa-demo.jsonl --limit 64
+
       lav2 eval vqa --data data/easyvqa/records.jsonl --model runs/joint --out runs/joint/easyvqa.jsonl
 
       lav2 eval vqa --data data/vqa.jsonl --model runs/joint --out preds.jsonl --limit 200 --json
@@ -130,6 +134,8 @@ def eval_text(
     """Mean loss and perplexity over response tokens (and exact match for short answers).
 
     Examples:
+
+      lav2 eval text --data benchmarks/text-facts.jsonl --out text-facts.jsonl
 
       lav2 eval text --data data/alpaca.val.jsonl --model runs/finetune --out runs/finetune/val.jsonl
 

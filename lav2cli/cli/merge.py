@@ -35,6 +35,8 @@ def merge(
 
     Examples:
 
+      lav2 merge demo --out merged/demo
+
       lav2 merge runs/joint --out merged/joint
 
       lav2 merge runs/alpaca-bias --out hf/alpaca --format hf --dtype bf16
