@@ -10,6 +10,7 @@ steps after its checkpoint, which the resumed run logs again.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,23 @@ EVENTS_GLOB = "events.out.tfevents.*"
 SCALARS = {"lr": "lr", "grad_norm": "grad_norm", "tokens_per_s": "tokens_per_s", "memory_mb": "memory_mb"}
 
 
+def _after_existing_files(out: Path) -> None:
+    """TensorBoard reads a run's event files in name order, and a name starts with its creation
+    second (then a per-process counter, compared as text): a new file must start in a later
+    second than every file there, or a resumed run's purge and steps could be read before the
+    steps they replace. Waits the rest of the second when needed."""
+    seconds = [int(p.name.split(".")[3]) for p in out.glob(EVENTS_GLOB) if p.name.split(".")[3].isdigit()]
+    if seconds and time.time() < max(seconds) + 1:
+        time.sleep(max(seconds) + 1 - time.time())
+
+
 class Board:
     def __init__(self, out: Path, purge_step: int | None = None):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:  # a dependency; named when an install left it out
             raise Lav2Error(f"TensorBoard event files need the tensorboard package ({e}): pip install tensorboard") from e
+        _after_existing_files(out)
         self.writer = SummaryWriter(str(out), purge_step=purge_step)
 
     def log(self, rec: dict[str, Any]) -> None:
