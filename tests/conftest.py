@@ -15,6 +15,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if "LAV2_CACHE" not in os.environ:
     os.environ["LAV2_CACHE"] = tempfile.mkdtemp(prefix="lav2-test-cache-")
     atexit.register(shutil.rmtree, os.environ["LAV2_CACHE"], True)
+# torch.compile's kernels too: a shared cache that a killed compilation left a cut-short library
+# in fails every later compile of that graph ("file too short")
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lav2-test-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], True)
 
 _WORDS = (
     "the a cat dog sat on mat red blue green shape circle square triangle image picture what is "
