@@ -39,7 +39,7 @@ import torch
 
 from lav2cli import __version__, engine
 from lav2cli.errors import Lav2Error
-from lav2cli.fileio import atomic_dir, refuse_overwrite
+from lav2cli.fileio import atomic_dir, lock, refuse_overwrite
 from lav2cli.formats import artifact, classify, hf
 from lav2cli.formats import meta as meta_fmt
 from lav2cli.formats.io import stored_dtype
@@ -144,6 +144,9 @@ def merge(ref: str, out: str | Path, *, format: str = "lav2", dtype: str = "auto
         raise Lav2Error(f"{ref}: a base model, not an adapter: nothing to merge "
                         f"(expected a lav2 artifact directory or an official LLaMA-Adapter .pth)")
     refuse_overwrite(out, {"the adapter being merged": path, "the --base model": base})
+    if out.parent.exists():  # a writer holding --out (a training run) is refused before anything loads
+        with lock(out, wait=False):
+            pass
 
     base_quantize = None if float_base else trained_quantize(kind, path)
     log(f"loading {ref} (float32{f', the base quantised {base_quantize} as in training' if base_quantize else ''}) ...")

@@ -161,6 +161,8 @@ def test_a_second_writer_is_refused_naming_the_holder(runs, base_dir, tmp_path):
     with claim_run(out):
         line = error_line(lav2("train", *train_args(runs, base_dir), "--out", out))
         assert f"in use by pid {os.getpid()} on {socket.gethostname()}, since" in line
+        r = lav2("merge", "demo", "--out", out, "--force", "--device", "cpu")  # before it loads anything
+        assert f"in use by pid {os.getpid()}" in error_line(r) and "loading" not in r.stderr
     assert not out.exists() and debris(tmp_path, "run") == []  # released: the lock file goes too
 
 
