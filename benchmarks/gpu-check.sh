@@ -4,18 +4,8 @@
 # decoding with cudagraph/recompile logs and a profile (device_busy_share: near 1 device-bound,
 # low host-bound), compiled training without, with all, and with 8 checkpointed blocks.
 # Usage, from the repository root: bash benchmarks/gpu-check.sh [OUT_DIR]   (default /tmp/lav2-gpu)
-set -o pipefail
-OUT=${1:-${OUT:-/tmp/lav2-gpu}}
-mkdir -p "$OUT"
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
-if ! $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
-    echo "gpu-check: needs a CUDA device (the 7B shape would not fit a CPU run)" >&2
-    exit 1
-fi
-$PY -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" | tee "$OUT/device.txt"
+source "$(dirname "$0")/gpu-env.sh" gpu-check /tmp/lav2-gpu "$@"
 timeout 300 $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/gpu-tests.log"
-B="$PY -m lav2cli bench"
 TORCH_LOGS="cudagraphs,recompiles,graph_breaks,perf_hints" timeout 150 $B decode --shape llama-7b --new-tokens 200 \
     --compile --trace "$OUT/decode-trace.json" --json > "$OUT/decode-compiled.log" 2>&1
 tail -1 "$OUT/decode-compiled.log" | tee -a "$OUT/bench.jsonl"

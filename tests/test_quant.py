@@ -21,10 +21,9 @@ from safetensors.torch import load_file
 from lav2cli import engine
 from lav2cli.bench import bench_decode, bench_train
 from lav2cli.errors import Lav2Error
-from lav2cli.formats import meta
 from lav2cli.inference.fold import fold_for_inference
 from lav2cli.merge import merge
-from lav2cli.model.adapter import AdaptedLinear, LlamaAdapterV2
+from lav2cli.model.adapter import AdaptedLinear
 from lav2cli.model.config import AdapterConfig
 from lav2cli.model.quant import (QuantizedLinear, QuantizedWeight, QuantSpec, parse_quantize, quantized_nbytes,
                                  quantized_weights, weight_bytes)
@@ -49,12 +48,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, tiny_llama_config, spm_model_path) -> Path:
-    torch.manual_seed(0)
-    sd = {k.removeprefix("llama."): v.detach().clone() for k, v in LlamaAdapterV2(tiny_llama_config).state_dict().items()}
-    d = tmp_path_factory.mktemp("base")
-    meta.save(d, tiny_llama_config, sd, tokenizer_model_path=spm_model_path)
-    return d
+def base(base_dir) -> Path:
+    return base_dir  # the session's tiny base; these tests only read it
 
 
 def tokens(cfg, n=2, t=11) -> torch.Tensor:

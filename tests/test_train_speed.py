@@ -73,7 +73,7 @@ def test_auto_checkpointing_follows_the_memory_budget(setup, tmp_path, tiny_llam
     assert tight.model.llama.checkpoint_blocks == n_layers and not tight.checkpoint_plan.fits
     assert any("may not fit" in line for line in said)
     # a budget between: the plan's own prediction decides, and it is the fewest that fits
-    act = _measured(tight)
+    act = tight.activation_bytes()
     peaks = [predicted_peak(act, tight.checkpoint_plan.fixed, n) for n in range(n_layers + 1)]
     budget = (peaks[0] + peaks[-1]) // 2
     middle, _ = _trainer(setup, tmp_path, "middle", train__memory_budget_gb=budget / 2**30 + 1e-12)
@@ -86,15 +86,6 @@ def test_auto_checkpointing_follows_the_memory_budget(setup, tmp_path, tiny_llam
         trainer, said = _trainer(setup, tmp_path, name, **extra)
         assert trainer.model.llama.checkpoint_blocks == blocks and trainer.checkpoint_plan is None
         assert not any(line.startswith("activation checkpointing") for line in said)
-
-
-def _measured(trainer) -> ActivationBytes:
-    batches = train_setup.worst_case_batches(trainer.streams, trainer.engine.tokenizer.pad_id, trainer.image_fn,
-                                             trainer.recipe.train.batch_size, trainer.recipe.data.max_tokens)
-    each = [measure_activations(trainer.model, lambda b=b: trainer.loss_sum(b.to(trainer.device, trainer.engine.dtype)))
-            for b in batches]
-    return ActivationBytes([max(c) for c in zip(*(m.blocks for m in each))], max(m.outside for m in each),
-                           max(m.block_input for m in each))
 
 
 def test_steady_throughput_leaves_out_a_slow_first_step_and_compiling_steps():

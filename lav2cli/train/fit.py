@@ -32,7 +32,7 @@ from lav2cli.train.distributed import all_reduce_sum, clip_grad_norm, init_distr
 from lav2cli.train.features import (feature_norm_state, image_reader, raw_clip_proj, restore_feature_norm,
                                     standardizes, start_standardized, training_feature_stats)
 from lav2cli.train.groups import IMAGE_TEXT, INSTRUCTION, make_groups, make_optimizer
-from lav2cli.train.memory import ActivationBytes, CheckpointPlan, measure_activations
+from lav2cli.train.memory import ActivationBytes, CheckpointPlan, measure_activations, most_of
 from lav2cli.train.setup import (checkpoint_blocks, compile_blocks, compiles_blocks, image_paths, load_engine,
                                  make_schedule, make_streams, pad_multiple, seed_all, select_trainable, uses_bf16,
                                  worst_case_batches)
@@ -115,19 +115,18 @@ class Trainer:
                                                      t.seed).to_tensors()
                               if self.image_fn is not None and self.dist.main and not self.already_complete else None)
 
+    def activation_bytes(self) -> ActivationBytes:
+        """What a step keeps for backward at most, per block: every stream's worst-case batch measured."""
+        batches = worst_case_batches(self.streams, self.engine.tokenizer.pad_id, self.image_fn,
+                                     self.recipe.train.batch_size, self.recipe.data.max_tokens)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            return most_of([measure_activations(
+                self.model, lambda b=b: self.loss_sum(b.to(self.device, self.engine.dtype))) for b in batches])
+
     def _checkpointing(self) -> CheckpointPlan | None:
         t = self.recipe.train
-
-        def measure() -> ActivationBytes:
-            batches = worst_case_batches(self.streams, self.engine.tokenizer.pad_id, self.image_fn, t.batch_size,
-                                         self.recipe.data.max_tokens)
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                each = [measure_activations(self.model, lambda b=b: self.loss_sum(b.to(self.device, self.engine.dtype)))
-                        for b in batches]
-            return ActivationBytes([max(col) for col in zip(*(m.blocks for m in each))],
-                                   max(m.outside for m in each), max(m.block_input for m in each))
-
-        blocks, plan = checkpoint_blocks(self.model, t, self.device, t.fsdp and self.dist.world > 1, measure,
+        fsdp = t.fsdp and self.dist.world > 1
+        blocks, plan = checkpoint_blocks(self.model, t, self.device, fsdp, self.activation_bytes,
                                          list(self.params.values()), self.log if self.dist.main else lambda _: None)
         self.model.llama.checkpoint_blocks = blocks
         return plan

@@ -21,6 +21,8 @@ from typing import Callable
 
 import torch
 
+from lav2cli.runlog import size
+
 GB = 2**30  # binary, as the peak memory figures (memory_mb) are
 
 
@@ -50,10 +52,6 @@ class CheckpointPlan:
         return (f"activation checkpointing: {what} ({why} a {size(self.budget)} budget); predicted peak "
                 f"{size(self.peak)} ({size(self.fixed)} of weights and optimiser state)")
 
-
-def size(n: float) -> str:
-    """Bytes for people: GB from one up, MB below."""
-    return f"{n / GB:.1f} GB" if n >= GB else f"{n / 2**20:.1f} MB"
 
 
 def measure_activations(model: torch.nn.Module, forward: Callable[[], object]) -> ActivationBytes:
@@ -105,6 +103,12 @@ def measure_activations(model: torch.nn.Module, forward: Callable[[], object]) -
         held.clear()
     x = hidden[0]
     return ActivationBytes(per_block, outside, x.numel() * x.element_size())
+
+
+def most_of(measured: list[ActivationBytes]) -> ActivationBytes:
+    """Block by block, the most any of the measured passes (one per stream) kept."""
+    return ActivationBytes([max(col) for col in zip(*(m.blocks for m in measured))],
+                           max(m.outside for m in measured), max(m.block_input for m in measured))
 
 
 def fixed_bytes(tensors: list[torch.Tensor], trainable: list[torch.Tensor]) -> int:
